@@ -1,0 +1,54 @@
+//! The guest-physical memory layout a domain boots with.
+//!
+//! ```text
+//! 0x0000_0000  null page, never mapped
+//! 0x0000_1000  boot GDT (0x1000) and TSS (0x1080)
+//! 0x0000_2000  start_info page
+//! 0x0000_3000  shared_info page
+//! 0x0000_4000  reserved for the hypervisor (0x4000..0x40000)
+//! 0x0004_0000  boot stack, 256 KiB; RSP starts at 0x80000 - 8
+//! 0x0008_0000  reserved (0x80000..0x100000)
+//! 0x0010_0000  kernel image (ELF PT_LOAD segments, by physical address)
+//!  ...         free RAM from start_info.first_free_gpa to nr_pages * 4096
+//! pool         page-table pool: starts at RAM size rounded up to 2 MiB;
+//!              its first start_info.nr_pt_frames frames hold the boot page tables
+//! ```
+//!
+//! The boot page tables identity-map (virtual = guest-physical) every RAM page except
+//! the null page, writable, with U/S set; and every page-table pool frame read-only.
+
+/// Guest-physical address of the boot GDT.
+pub const GDT_GPA: u64 = 0x1000;
+/// Guest-physical address of the boot TSS (64-bit, 104 bytes).
+pub const TSS_GPA: u64 = 0x1080;
+/// Guest-physical address of the start_info page ([`crate::start_info::StartInfo`]).
+pub const START_INFO_GPA: u64 = 0x2000;
+/// Guest-physical address of the shared_info page ([`crate::shared_info::SharedInfo`]).
+pub const SHARED_INFO_GPA: u64 = 0x3000;
+/// Lowest address of the boot stack.
+pub const BOOT_STACK_BOTTOM: u64 = 0x4_0000;
+/// One past the highest address of the boot stack.
+pub const BOOT_STACK_TOP: u64 = 0x8_0000;
+/// Lowest guest-physical address a kernel segment may occupy.
+pub const KERNEL_MIN_GPA: u64 = 0x10_0000;
+/// The page-table pool starts at RAM size rounded up to this alignment.
+pub const PT_POOL_ALIGN: u64 = 2 << 20;
+
+/// Boot GDT selector: 64-bit kernel code (DPL 0).
+pub const SEL_KERNEL_CODE: u16 = 0x08;
+/// Boot GDT selector: kernel data (DPL 0).
+pub const SEL_KERNEL_DATA: u16 = 0x10;
+/// Boot GDT selector: user data (DPL 3), with RPL 3.
+pub const SEL_USER_DATA: u16 = 0x1b;
+/// Boot GDT selector: 64-bit user code (DPL 3), with RPL 3.
+pub const SEL_USER_CODE: u16 = 0x23;
+/// Boot GDT selector: the 64-bit TSS (two slots), loaded in TR.
+pub const SEL_TSS: u16 = 0x28;
+/// Number of 8-byte slots in the boot GDT (null, kcode, kdata, udata, ucode, tss x2).
+pub const GDT_ENTRIES: usize = 7;
+
+/// Start of the virtual range reserved for the hypervisor (PML4 slots 256-271, as in
+/// Xen). Guests may not map it.
+pub const HV_RESERVED_VA_START: u64 = 0xFFFF_8000_0000_0000;
+/// One past the end of the hypervisor-reserved virtual range.
+pub const HV_RESERVED_VA_END: u64 = 0xFFFF_8800_0000_0000;

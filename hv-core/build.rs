@@ -1,0 +1,1 @@
+fn main() { let root = guest_build::workspace_root(env!("CARGO_MANIFEST_DIR"), 1); let elf = guest_build::build_guest(&root, "guest-kernel-demo", "guest-kernel-demo"); println!("cargo:rustc-env=HV_DEMO_KERNEL={}", elf.display()); }
