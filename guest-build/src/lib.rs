@@ -18,11 +18,25 @@ pub const GUEST_TARGET: &str = "x86_64-unknown-none";
 /// Panics with an explanation when the build fails: this runs inside build scripts,
 /// where a panic is how an error is reported.
 pub fn build_guest(workspace_root: &Path, package: &str, bin: &str) -> PathBuf {
-    for dir in ["hv-abi", "guest-sdk", "guest-kernel-demo", "tests/test-guest"] {
-        println!("cargo:rerun-if-changed={}", workspace_root.join(dir).display());
+    for dir in [
+        "hv-abi",
+        "guest-sdk",
+        "guest-kernel-demo",
+        "tests/test-guest",
+    ] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace_root.join(dir).display()
+        );
     }
-    println!("cargo:rerun-if-changed={}", workspace_root.join("Cargo.toml").display());
-    println!("cargo:rerun-if-changed={}", workspace_root.join("Cargo.lock").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace_root.join("Cargo.toml").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace_root.join("Cargo.lock").display()
+    );
 
     check_target_installed();
 
@@ -52,7 +66,9 @@ pub fn build_guest(workspace_root: &Path, package: &str, bin: &str) -> PathBuf {
         .status()
         .unwrap_or_else(|e| panic!("guest-build: cannot run cargo to build {package}: {e}"));
     if !status.success() {
-        panic!("guest-build: building guest kernel `{package}` for {GUEST_TARGET} failed ({status})");
+        panic!(
+            "guest-build: building guest kernel `{package}` for {GUEST_TARGET} failed ({status})"
+        );
     }
     let elf = target_dir.join(GUEST_TARGET).join("guest").join(bin);
     if !elf.is_file() {

@@ -1,0 +1,27 @@
+//! hv-core: the userspace hypervisor of hv.
+//!
+//! Each domain is a KVM VM ([`domain`]) with memory from a memfd ([`memory`]), a
+//! kernel loaded from a validated ELF image ([`loader`]), a 64-bit boot environment
+//! ([`boot`]) and one thread per vCPU ([`vcpu`]) whose exits are dispatched as
+//! hypercalls ([`hypercall`]) of the ABI in `hv-abi`.
+
+pub mod bench;
+pub mod boot;
+pub mod cli;
+pub mod console;
+pub mod cpuid;
+pub mod domain;
+pub mod hypercall;
+pub mod loader;
+pub mod memory;
+pub mod outcome;
+pub mod stats;
+pub mod vcpu;
+
+pub use console::ConsoleSink;
+pub use domain::{Domain, DomainConfig, DomainError, DomainReport, FEATURES};
+pub use loader::{KernelImage, LoadError};
+pub use outcome::{CrashReason, CrashReport, Outcome};
+
+/// The demo kernel, built for x86_64-unknown-none and embedded at build time.
+pub static DEMO_KERNEL: &[u8] = include_bytes!(env!("HV_DEMO_KERNEL"));

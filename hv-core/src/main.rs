@@ -1,1 +1,165 @@
-fn main(){}
+//! `hv`: run paravirtual guest kernels on KVM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hv_core::outcome::{EXIT_INTERNAL, EXIT_USAGE};
+use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "hv",
+    version,
+    about = "hv: a paravirtual hypervisor on KVM",
+    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest kernel (the embedded demo kernel if none is given).
+    Run {
+        /// ELF kernel built for hv (with the hv ABI note).
+        kernel: Option<PathBuf>,
+        /// Guest RAM: bytes or with a K/M/G suffix.
+        #[arg(long, default_value = "64M", value_parser = cli::parse_size)]
+        mem: u64,
+        /// Number of vCPUs (1-32).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Print exit statistics when the domain ends.
+        #[arg(long)]
+        stats: bool,
+        /// Allow hypercalls from guest CPL 3.
+        #[arg(long)]
+        allow_user_hypercalls: bool,
+    },
+    /// Print the hypervisor's ABI version and features.
+    Version,
+    /// Run benchmarks on real KVM.
+    Bench {
+        /// Benchmarks to run (all if none): exit_floor, null_hypercall, kvm_create_floor,
+        /// domain_boot.
+        names: Vec<String>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    ExitCode::from(match cli.command {
+        Command::Run {
+            kernel,
+            mem,
+            vcpus,
+            cmdline,
+            stats,
+            allow_user_hypercalls,
+        } => {
+            let config = DomainConfig {
+                name: kernel
+                    .as_ref()
+                    .and_then(|p| p.file_name())
+                    .map_or("demo".into(), |n| n.to_string_lossy().into_owned()),
+                mem_bytes: mem,
+                vcpus,
+                cmdline,
+                allow_user_hypercalls,
+                console: ConsoleSink::Stdout,
+                ..DomainConfig::default()
+            };
+            run(kernel, config, stats)
+        }
+        Command::Version => {
+            println!(
+                "hv {} (ABI {}.{}, features {})",
+                env!("CARGO_PKG_VERSION"),
+                hv_abi::ABI_MAJOR,
+                hv_abi::ABI_MINOR,
+                hv_core::FEATURES
+            );
+            0
+        }
+        Command::Bench { names, json } => match bench::run(&names) {
+            Ok(results) => {
+                if json {
+                    println!("{}", bench::to_json(&results));
+                } else {
+                    print!("{}", bench::to_table(&results));
+                }
+                0
+            }
+            Err(e) => {
+                eprintln!("hv bench: {e}");
+                if e.is_user_error() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_INTERNAL
+                }
+            }
+        },
+    })
+}
+
+fn run(kernel: Option<PathBuf>, config: DomainConfig, stats: bool) -> u8 {
+    let bytes = match &kernel {
+        Some(p) => match std::fs::read(p) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("hv: cannot read kernel {}: {e}", p.display());
+                return EXIT_USAGE;
+            }
+        },
+        None => hv_core::DEMO_KERNEL.to_vec(),
+    };
+    let kvm = match domain::open_kvm() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("hv: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
+    match domain::run_elf(&kvm, config, &bytes) {
+        Ok(report) => {
+            if let Some(c) = report.outcome.crash() {
+                eprintln!("hv: domain {} crashed\n{c}", report.name);
+            }
+            if stats {
+                eprintln!(
+                    "domain {}: {} (created in {:.3} ms, ran {:.3} ms)\n{}",
+                    report.name,
+                    report.outcome,
+                    report.created_in.as_secs_f64() * 1e3,
+                    report.ran_for.as_secs_f64() * 1e3,
+                    report.stats
+                );
+            }
+            report.outcome.exit_code()
+        }
+        Err(e) => {
+            let what = kernel.map_or("the demo kernel".into(), |p| p.display().to_string());
+            eprintln!("hv: cannot run {what}: {e}");
+            if e.is_user_error() {
+                EXIT_USAGE
+            } else {
+                EXIT_INTERNAL
+            }
+        }
+    }
+}

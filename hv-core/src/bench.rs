@@ -1,0 +1,380 @@
+//! `hv bench`: benchmarks on real KVM, each reported against a floor measured in the
+//! same run.
+//!
+//! | name | what | floor |
+//! | --- | --- | --- |
+//! | `exit_floor` | ns per iteration of a guest loop doing one port-I/O exit, host loop on bare KVM (no sync_regs, no dispatch) | - |
+//! | `null_hypercall` | ns per `version` hypercall through the full hv path, same guest loop | `exit_floor` |
+//! | `kvm_create_floor` | ms to create a bare VM + vCPU with the same RAM and run to its first exit (real mode) | - |
+//! | `domain_boot` | ms to create an hv domain, run to its first hypercall and shut down | `kvm_create_floor` |
+
+use std::time::{Duration, Instant};
+
+use hv_abi::{layout, Op, PAGE_SIZE};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::boot;
+use crate::console::ConsoleSink;
+use crate::domain::{Domain, DomainConfig, DomainError};
+use crate::loader::KernelImage;
+use crate::memory::DomainMemory;
+use crate::outcome::Outcome;
+
+/// RAM of the guests the benchmarks boot.
+pub const BENCH_MEM: u64 = 64 << 20;
+
+/// Names of all benchmarks, in run order.
+pub const ALL: [&str; 4] = [
+    "exit_floor",
+    "null_hypercall",
+    "kvm_create_floor",
+    "domain_boot",
+];
+
+/// A benchmark failed or was unknown.
+#[derive(Debug, Error)]
+pub enum BenchError {
+    /// Unknown benchmark name.
+    #[error("unknown benchmark {0:?}; known: {list}", list = ALL.join(", "))]
+    Unknown(String),
+    /// A domain could not be created or run.
+    #[error("{0}")]
+    Domain(#[from] DomainError),
+    /// A bare KVM call failed.
+    #[error("KVM {what}: {source}")]
+    Kvm {
+        /// The call.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// The guest did not do what the benchmark expects.
+    #[error("benchmark guest misbehaved: {0}")]
+    Guest(String),
+}
+
+impl BenchError {
+    /// True for errors in the user's request.
+    pub fn is_user_error(&self) -> bool {
+        matches!(self, BenchError::Unknown(_))
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BenchError {
+    move |source| BenchError::Kvm { what, source }
+}
+
+/// One result row.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    /// Benchmark name.
+    pub name: String,
+    /// Measured value (median of the repetitions).
+    pub value: f64,
+    /// Unit of `value`.
+    pub unit: String,
+    /// The floor this is compared with, if any.
+    pub vs: Option<String>,
+    /// value / floor value.
+    pub ratio: Option<f64>,
+}
+
+/// Runs the named benchmarks (all if `names` is empty); floors needed for a ratio are
+/// run too.
+pub fn run(names: &[String]) -> Result<Vec<BenchResult>, BenchError> {
+    for n in names {
+        if !ALL.contains(&n.as_str()) {
+            return Err(BenchError::Unknown(n.clone()));
+        }
+    }
+    let want = |n: &str| names.is_empty() || names.iter().any(|x| x == n);
+    let kvm = crate::domain::open_kvm()?;
+    let mut out: Vec<BenchResult> = Vec::new();
+    let floor_of =
+        |out: &Vec<BenchResult>, n: &str| out.iter().find(|r| r.name == n).map(|r| r.value);
+
+    if want("exit_floor") || want("null_hypercall") {
+        out.push(row("exit_floor", exit_floor(&kvm)?, "ns", None));
+    }
+    if want("null_hypercall") {
+        let v = null_hypercall(&kvm)?;
+        out.push(row(
+            "null_hypercall",
+            v,
+            "ns",
+            floor_of(&out, "exit_floor").map(|f| ("exit_floor", f)),
+        ));
+    }
+    if want("kvm_create_floor") || want("domain_boot") {
+        out.push(row("kvm_create_floor", kvm_create_floor(&kvm)?, "ms", None));
+    }
+    if want("domain_boot") {
+        let v = domain_boot(&kvm)?;
+        out.push(row(
+            "domain_boot",
+            v,
+            "ms",
+            floor_of(&out, "kvm_create_floor").map(|f| ("kvm_create_floor", f)),
+        ));
+    }
+    Ok(out)
+}
+
+fn row(name: &str, value: f64, unit: &str, floor: Option<(&str, f64)>) -> BenchResult {
+    BenchResult {
+        name: name.into(),
+        value,
+        unit: unit.into(),
+        vs: floor.map(|(n, _)| n.to_string()),
+        ratio: floor.map(|(_, f)| if f > 0.0 { value / f } else { f64::NAN }),
+    }
+}
+
+/// `{"results": [...]}`.
+pub fn to_json(results: &[BenchResult]) -> String {
+    serde_json::json!({ "results": results }).to_string()
+}
+
+/// A plain-text table.
+pub fn to_table(results: &[BenchResult]) -> String {
+    let mut s = format!(
+        "{:<18} {:>12} {:<4} {:<18} {:>8}\n",
+        "benchmark", "value", "unit", "vs", "ratio"
+    );
+    for r in results {
+        s += &format!(
+            "{:<18} {:>12.3} {:<4} {:<18} {:>8}\n",
+            r.name,
+            r.value,
+            r.unit,
+            r.vs.as_deref().unwrap_or("-"),
+            r.ratio.map_or("-".into(), |x| format!("{x:.3}x"))
+        );
+    }
+    s
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Guest code: `n` version hypercalls in a loop, then shutdown(poweroff, 0).
+pub fn hypercall_loop_code(n: u64) -> Vec<u8> {
+    let mut c = vec![0x48, 0xB9]; // mov rcx, imm64
+    c.extend_from_slice(&n.to_le_bytes());
+    c.extend_from_slice(&[0xB8]); // mov eax, imm32
+    c.extend_from_slice(&(Op::Version as u32).to_le_bytes());
+    c.extend_from_slice(&[0x31, 0xFF]); // xor edi, edi
+    c.extend_from_slice(&[0xE6, hv_abi::hypercall::HYPERCALL_PORT as u8]); // out port, al
+    c.extend_from_slice(&[0x48, 0xFF, 0xC9]); // dec rcx
+    c.extend_from_slice(&[0x75, 0xF2]); // jnz loop (-14)
+    c.extend_from_slice(&shutdown_code());
+    c
+}
+
+/// Guest code: one version hypercall, then shutdown(poweroff, 0).
+pub fn boot_probe_code() -> Vec<u8> {
+    let mut c = vec![0xB8];
+    c.extend_from_slice(&(Op::Version as u32).to_le_bytes());
+    c.extend_from_slice(&[0x31, 0xFF, 0xE6, hv_abi::hypercall::HYPERCALL_PORT as u8]);
+    c.extend_from_slice(&shutdown_code());
+    c
+}
+
+fn shutdown_code() -> Vec<u8> {
+    let mut c = vec![0xB8];
+    c.extend_from_slice(&(Op::SchedOp as u32).to_le_bytes());
+    c.push(0xBF); // mov edi, SCHEDOP_SHUTDOWN
+    c.extend_from_slice(&(hv_abi::sched::SCHEDOP_SHUTDOWN as u32).to_le_bytes());
+    c.extend_from_slice(&[0x31, 0xF6, 0x31, 0xD2]); // xor esi, esi; xor edx, edx
+    c.extend_from_slice(&[0xE6, hv_abi::hypercall::HYPERCALL_PORT as u8]);
+    c.push(0xF4); // hlt (not reached)
+    c
+}
+
+fn bench_config() -> DomainConfig {
+    DomainConfig {
+        name: "bench".into(),
+        mem_bytes: BENCH_MEM,
+        console: ConsoleSink::Discard,
+        ..DomainConfig::default()
+    }
+}
+
+fn run_hv(kvm: &Kvm, code: &[u8]) -> Result<Duration, BenchError> {
+    let t0 = Instant::now();
+    let image = KernelImage::from_code(layout::KERNEL_MIN_GPA, code);
+    let report = Domain::create(kvm, bench_config(), &image)?.run()?;
+    let t = t0.elapsed();
+    match report.outcome {
+        Outcome::Poweroff { code: 0 } => Ok(t),
+        other => Err(BenchError::Guest(other.to_string())),
+    }
+}
+
+const LOOP_SHORT: u64 = 2_000;
+const LOOP_LONG: u64 = 22_000;
+const REPS: usize = 5;
+
+/// ns per iteration of the hypercall loop through hv's full path: the difference of a
+/// long and a short run, so domain creation cancels out.
+pub fn null_hypercall(kvm: &Kvm) -> Result<f64, BenchError> {
+    let short = hypercall_loop_code(LOOP_SHORT);
+    let long = hypercall_loop_code(LOOP_LONG);
+    let mut v = Vec::new();
+    for _ in 0..REPS {
+        let a = run_hv(kvm, &short)?;
+        let b = run_hv(kvm, &long)?;
+        v.push((b.as_secs_f64() - a.as_secs_f64()) * 1e9 / (LOOP_LONG - LOOP_SHORT) as f64);
+    }
+    Ok(median(v))
+}
+
+/// A bare KVM VM in hv's 64-bit boot state with `code` at the kernel address, and no
+/// hv run loop. Returns the VM, the vCPU and the memory that backs it.
+fn bare_long_mode_vm(
+    kvm: &Kvm,
+    code: &[u8],
+) -> Result<(kvm_ioctls::VmFd, kvm_ioctls::VcpuFd, DomainMemory), BenchError> {
+    let (pool, _) = boot::pool_frames_for(BENCH_MEM, 0);
+    let mem = DomainMemory::new("floor", BENCH_MEM, pool).map_err(DomainError::from)?;
+    mem.write_ram(layout::KERNEL_MIN_GPA, code)
+        .map_err(DomainError::from)?;
+    let bi = boot::build_page_tables(&mem).map_err(DomainError::from)?;
+    boot::write_gdt_tss(&mem).map_err(DomainError::from)?;
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    for (slot, gpa, size) in [
+        (0, 0, mem.ram_bytes()),
+        (1, mem.pool_gpa(), mem.pool_end() - mem.pool_gpa()),
+    ] {
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: mem.host_address(gpa).map_err(DomainError::from)?,
+        };
+        // SAFETY: the region is mapped by `mem`, which the caller keeps alive with the VM.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
+    }
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
+    let cpuid = crate::cpuid::supported_cached(kvm)?;
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
+    vcpu.set_sregs(&boot::boot_sregs(sregs, bi.pt_base))
+        .map_err(kvm_err("set sregs"))?;
+    vcpu.set_regs(&boot::boot_regs(
+        layout::KERNEL_MIN_GPA,
+        layout::BOOT_STACK_TOP - 8,
+        0,
+    ))
+    .map_err(kvm_err("set regs"))?;
+    Ok((vm, vcpu, mem))
+}
+
+/// ns per iteration of the same guest loop on bare KVM: the host only re-enters.
+pub fn exit_floor(kvm: &Kvm) -> Result<f64, BenchError> {
+    let n = LOOP_LONG;
+    let mut v = Vec::new();
+    for _ in 0..REPS {
+        let (_vm, mut vcpu, _mem) = bare_long_mode_vm(kvm, &hypercall_loop_code(n))?;
+        let mut exits = 0u64;
+        let mut t0 = Instant::now();
+        // n loop exits + 1 shutdown exit; time from the first exit to the n+1-th.
+        while exits <= n {
+            match vcpu.run().map_err(kvm_err("run"))? {
+                VcpuExit::IoOut(..) => {
+                    exits += 1;
+                    if exits == 1 {
+                        t0 = Instant::now();
+                    }
+                }
+                other => return Err(BenchError::Guest(format!("unexpected exit {other:?}"))),
+            }
+        }
+        v.push(t0.elapsed().as_secs_f64() * 1e9 / n as f64);
+    }
+    Ok(median(v))
+}
+
+const BOOT_REPS: usize = 21;
+
+/// ms to create a bare VM + vCPU with the same RAM and run to the first exit.
+pub fn kvm_create_floor(kvm: &Kvm) -> Result<f64, BenchError> {
+    let mut v = Vec::new();
+    for _ in 0..BOOT_REPS {
+        let t0 = Instant::now();
+        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let size = BENCH_MEM as usize;
+        // SAFETY: an anonymous private mapping with no address hint; checked below.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(BenchError::Guest("mmap failed".into()));
+        }
+        let result = (|| {
+            let code = [0xE6u8, 0xE8, 0xF4]; // out 0xE8, al; hlt
+                                             // SAFETY: `host` maps `size` bytes and the code fits in the first page.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    code.as_ptr(),
+                    (host as *mut u8).add(PAGE_SIZE as usize),
+                    code.len(),
+                )
+            };
+            let r = kvm_userspace_memory_region {
+                slot: 0,
+                flags: 0,
+                guest_phys_addr: 0,
+                memory_size: BENCH_MEM,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the mapping outlives the VM (unmapped after the VM is dropped).
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
+            let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
+            let mut s = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
+            s.cs.base = 0;
+            s.cs.selector = 0;
+            vcpu.set_sregs(&s).map_err(kvm_err("set sregs"))?;
+            let regs = kvm_bindings::kvm_regs {
+                rip: PAGE_SIZE,
+                rflags: 2,
+                ..Default::default()
+            };
+            vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
+            match vcpu.run().map_err(kvm_err("run"))? {
+                VcpuExit::IoOut(..) => Ok(()),
+                other => Err(BenchError::Guest(format!("unexpected exit {other:?}"))),
+            }
+        })();
+        drop(vm);
+        let t = t0.elapsed();
+        // SAFETY: `host` was mapped above with this size and the VM using it is gone.
+        unsafe { libc::munmap(host, size) };
+        result?;
+        v.push(t.as_secs_f64() * 1e3);
+    }
+    Ok(median(v))
+}
+
+/// ms to create an hv domain, run it to its first hypercall and shut it down.
+pub fn domain_boot(kvm: &Kvm) -> Result<f64, BenchError> {
+    let code = boot_probe_code();
+    let mut v = Vec::new();
+    for _ in 0..BOOT_REPS {
+        v.push(run_hv(kvm, &code)?.as_secs_f64() * 1e3);
+    }
+    Ok(median(v))
+}

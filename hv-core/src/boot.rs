@@ -1,0 +1,375 @@
+//! The boot environment: initial page tables, GDT and TSS, start_info, CPU state.
+//!
+//! See SPEC.md ("Boot state"). The host builds a flat identity map with 4 KiB pages in
+//! the page-table pool; entries carry Accessed (and Dirty on writable leaves) already,
+//! so that a CPU walking tables in a read-only memslot never needs to write them.
+
+use hv_abi::layout::{self, GDT_ENTRIES};
+use hv_abi::mmu::{PTE_A, PTE_D, PTE_P, PTE_U, PTE_W};
+use hv_abi::start_info::{StartInfo, CMDLINE_MAX, START_INFO_MAGIC};
+use hv_abi::{Features, ABI_MAJOR, ABI_MINOR, PAGE_SIZE};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use thiserror::Error;
+use zerocopy::FromZeros;
+
+use crate::memory::{pool_gpa_for, DomainMemory, MemoryError};
+
+/// CR0 at entry: PE | MP | ET | NE | WP | PG.
+pub const BOOT_CR0: u64 = 0x8001_0033;
+/// CR4 at entry: PAE | PGE | OSFXSR | OSXMMEXCPT.
+pub const BOOT_CR4: u64 = 0x6A0;
+/// EFER at entry: SCE | LME | LMA | NXE.
+pub const BOOT_EFER: u64 = 0xD01;
+/// Size of the boot TSS in bytes.
+pub const TSS_SIZE: u64 = 104;
+
+const ENTRIES: usize = 512;
+
+/// Errors while building the boot environment.
+#[derive(Debug, Error)]
+pub enum BootError {
+    /// The command line is too long.
+    #[error("command line is {0} bytes; at most {max} are allowed", max = CMDLINE_MAX - 1)]
+    CmdlineTooLong(usize),
+    /// The command line contains a NUL byte.
+    #[error("command line contains a NUL byte")]
+    CmdlineNul,
+    /// The boot page tables do not fit in the pool.
+    #[error("boot page tables need {need} frames but the pool has {have}")]
+    PoolTooSmall {
+        /// Frames needed.
+        need: u64,
+        /// Frames available.
+        have: u64,
+    },
+    /// Writing guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// Page-table frames needed to identity-map RAM of `ram_bytes` and a pool of
+/// `pool_frames` frames placed after it.
+pub fn boot_pt_frames(ram_bytes: u64, pool_frames: u64) -> u64 {
+    let pool = pool_gpa_for(ram_bytes);
+    let ranges = [(0, ram_bytes), (pool, pool + pool_frames * PAGE_SIZE)];
+    let mut total = 0;
+    // Tables at level n cover 4 KiB << (9 * n) bytes each (L1: 2 MiB, L2: 1 GiB, ...).
+    for shift in [21u32, 30, 39] {
+        let mut last: Option<u64> = None;
+        for (start, end) in ranges {
+            if end <= start {
+                continue;
+            }
+            let first = start >> shift;
+            let lastidx = (end - 1) >> shift;
+            let mut n = lastidx - first + 1;
+            if last == Some(first) {
+                n -= 1;
+            }
+            total += n;
+            last = Some(lastidx);
+        }
+    }
+    total + 1 // the L4
+}
+
+/// Sizes the pool: boot tables plus `extra` frames for the guest.
+pub fn pool_frames_for(ram_bytes: u64, extra: u64) -> (u64, u64) {
+    let mut boot = 1;
+    loop {
+        let pool = boot + extra;
+        let need = boot_pt_frames(ram_bytes, pool);
+        if need == boot {
+            return (pool, boot);
+        }
+        boot = need;
+    }
+}
+
+/// Builds page tables in host memory, allocating frames from the pool in order.
+struct PtBuilder {
+    pool_gpa: u64,
+    frames: Vec<[u64; ENTRIES]>,
+}
+
+impl PtBuilder {
+    fn new(pool_gpa: u64) -> Self {
+        PtBuilder {
+            pool_gpa,
+            frames: vec![[0; ENTRIES]],
+        }
+    }
+
+    fn gpa_of(&self, idx: usize) -> u64 {
+        self.pool_gpa + idx as u64 * PAGE_SIZE
+    }
+
+    fn child(&mut self, table: usize, index: usize) -> usize {
+        let e = self.frames[table][index];
+        if e & PTE_P != 0 {
+            return ((e & hv_abi::mmu::PTE_ADDR_MASK) - self.pool_gpa) as usize
+                / PAGE_SIZE as usize;
+        }
+        self.frames.push([0; ENTRIES]);
+        let idx = self.frames.len() - 1;
+        self.frames[table][index] = self.gpa_of(idx) | PTE_P | PTE_W | PTE_U | PTE_A;
+        idx
+    }
+
+    /// Identity-maps `[start, end)` (page-aligned) with leaf flags `flags`.
+    fn map(&mut self, start: u64, end: u64, flags: u64) {
+        let mut va = start;
+        while va < end {
+            let l3 = self.child(0, ((va >> 39) & 511) as usize);
+            let l2 = self.child(l3, ((va >> 30) & 511) as usize);
+            let l1 = self.child(l2, ((va >> 21) & 511) as usize);
+            let chunk_end = ((va >> 21) + 1) << 21;
+            let stop = chunk_end.min(end);
+            let table = &mut self.frames[l1];
+            while va < stop {
+                table[((va >> 12) & 511) as usize] = va | flags;
+                va += PAGE_SIZE;
+            }
+        }
+    }
+}
+
+/// What the boot environment looks like, for start_info and the vCPU state.
+#[derive(Clone, Debug)]
+pub struct BootInfo {
+    /// Guest-physical address of the boot PML4.
+    pub pt_base: u64,
+    /// Frames used by the boot tables.
+    pub nr_pt_frames: u64,
+}
+
+/// Writes the boot page tables into the pool.
+pub fn build_page_tables(mem: &DomainMemory) -> Result<BootInfo, BootError> {
+    let pool = mem.pool_gpa();
+    let mut b = PtBuilder::new(pool);
+    b.map(
+        PAGE_SIZE,
+        mem.ram_bytes(),
+        PTE_P | PTE_W | PTE_U | PTE_A | PTE_D,
+    );
+    b.map(pool, mem.pool_end(), PTE_P | PTE_U | PTE_A);
+    let need = b.frames.len() as u64;
+    if need > mem.pool_frames() {
+        return Err(BootError::PoolTooSmall {
+            need,
+            have: mem.pool_frames(),
+        });
+    }
+    let mut bytes = Vec::with_capacity(b.frames.len() * PAGE_SIZE as usize);
+    for f in &b.frames {
+        for e in f {
+            bytes.extend_from_slice(&e.to_le_bytes());
+        }
+    }
+    mem.write_any(pool, &bytes)?;
+    Ok(BootInfo {
+        pt_base: pool,
+        nr_pt_frames: need,
+    })
+}
+
+/// The 8-byte GDT descriptors of the boot GDT (the TSS takes the last two).
+pub fn gdt_entries() -> [u64; GDT_ENTRIES] {
+    let base = layout::TSS_GPA;
+    let limit = TSS_SIZE - 1;
+    // 64-bit available TSS (type 9), present, DPL 0.
+    let tss_low = (limit & 0xFFFF)
+        | ((base & 0xFF_FFFF) << 16)
+        | (0x89 << 40)
+        | (((limit >> 16) & 0xF) << 48)
+        | (((base >> 24) & 0xFF) << 56);
+    let tss_high = base >> 32;
+    [
+        0,
+        0x00AF_9B00_0000_FFFF, // 0x08 kernel code, 64-bit
+        0x00CF_9300_0000_FFFF, // 0x10 kernel data
+        0x00CF_F300_0000_FFFF, // 0x18 user data, DPL 3
+        0x00AF_FB00_0000_FFFF, // 0x20 user code, 64-bit, DPL 3
+        tss_low,               // 0x28 TSS
+        tss_high,
+    ]
+}
+
+/// Writes the GDT and the TSS.
+pub fn write_gdt_tss(mem: &DomainMemory) -> Result<(), BootError> {
+    let mut gdt = Vec::new();
+    for e in gdt_entries() {
+        gdt.extend_from_slice(&e.to_le_bytes());
+    }
+    mem.write_ram(layout::GDT_GPA, &gdt)?;
+    let mut tss = [0u8; TSS_SIZE as usize];
+    tss[4..12].copy_from_slice(&layout::BOOT_STACK_TOP.to_le_bytes()); // rsp0
+    tss[102..104].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes()); // no I/O bitmap
+    mem.write_ram(layout::TSS_GPA, &tss)?;
+    Ok(())
+}
+
+/// Inputs of start_info that are not in memory.
+#[derive(Clone, Debug)]
+pub struct StartInfoParams<'a> {
+    /// Domain id.
+    pub domid: u32,
+    /// vCPUs.
+    pub nr_vcpus: u32,
+    /// SIF_* flags.
+    pub flags: u32,
+    /// Hypervisor features.
+    pub features: Features,
+    /// Kernel span.
+    pub kernel: (u64, u64),
+    /// First free address after the kernel.
+    pub first_free: u64,
+    /// Command line.
+    pub cmdline: &'a str,
+}
+
+/// Checks a command line against the ABI's limits.
+pub fn check_cmdline(cmdline: &str) -> Result<(), BootError> {
+    if cmdline.len() > CMDLINE_MAX - 1 {
+        return Err(BootError::CmdlineTooLong(cmdline.len()));
+    }
+    if cmdline.as_bytes().contains(&0) {
+        return Err(BootError::CmdlineNul);
+    }
+    Ok(())
+}
+
+/// Writes the start_info page.
+pub fn write_start_info(
+    mem: &DomainMemory,
+    boot: &BootInfo,
+    p: &StartInfoParams<'_>,
+) -> Result<(), BootError> {
+    check_cmdline(p.cmdline)?;
+    let mut si = StartInfo::new_zeroed();
+    si.magic = START_INFO_MAGIC;
+    si.abi_major = ABI_MAJOR;
+    si.abi_minor = ABI_MINOR;
+    si.flags = p.flags;
+    si.features = p.features.bits();
+    si.domid = p.domid;
+    si.nr_vcpus = p.nr_vcpus;
+    si.nr_pages = mem.ram_bytes() / PAGE_SIZE;
+    si.shared_info_gpa = layout::SHARED_INFO_GPA;
+    si.pt_base_gpa = boot.pt_base;
+    si.nr_pt_frames = boot.nr_pt_frames;
+    si.pt_pool_gpa = mem.pool_gpa();
+    si.pt_pool_frames = mem.pool_frames();
+    si.kernel_start_gpa = p.kernel.0;
+    si.kernel_end_gpa = p.kernel.1;
+    si.first_free_gpa = p.first_free;
+    si.stack_top_gpa = layout::BOOT_STACK_TOP;
+    si.cmdline_len = p.cmdline.len() as u32;
+    si.cmdline[..p.cmdline.len()].copy_from_slice(p.cmdline.as_bytes());
+    mem.write_obj(layout::START_INFO_GPA, &si)?;
+    Ok(())
+}
+
+fn code_segment() -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        selector: layout::SEL_KERNEL_CODE,
+        type_: 11,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    }
+}
+
+fn data_segment() -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        selector: layout::SEL_KERNEL_DATA,
+        type_: 3,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        ..Default::default()
+    }
+}
+
+/// Sets the boot system registers on top of a vCPU's current ones.
+pub fn boot_sregs(mut s: kvm_sregs, cr3: u64) -> kvm_sregs {
+    s.cs = code_segment();
+    let d = data_segment();
+    s.ds = d;
+    s.es = d;
+    s.ss = d;
+    s.fs = d;
+    s.gs = d;
+    s.tr = kvm_segment {
+        base: layout::TSS_GPA,
+        limit: (TSS_SIZE - 1) as u32,
+        selector: layout::SEL_TSS,
+        type_: 11, // busy 64-bit TSS
+        present: 1,
+        s: 0,
+        ..Default::default()
+    };
+    s.gdt.base = layout::GDT_GPA;
+    s.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr0 = BOOT_CR0;
+    s.cr3 = cr3;
+    s.cr4 = BOOT_CR4;
+    s.efer = BOOT_EFER;
+    s
+}
+
+/// Boot general-purpose registers: RIP, RSP and RDI.
+pub fn boot_regs(rip: u64, rsp: u64, rdi: u64) -> kvm_regs {
+    kvm_regs {
+        rip,
+        rsp,
+        rdi,
+        rflags: 0x2,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_count_matches_builder() {
+        for (ram, extra) in [
+            (2u64 << 20, 0u64),
+            (64 << 20, 256),
+            (3 << 20, 1),
+            (1 << 30, 512),
+            ((1 << 30) + 4096, 7),
+        ] {
+            let (pool, boot) = pool_frames_for(ram, extra);
+            let mut b = PtBuilder::new(pool_gpa_for(ram));
+            b.map(PAGE_SIZE, ram, PTE_P);
+            let pg = pool_gpa_for(ram);
+            b.map(pg, pg + pool * PAGE_SIZE, PTE_P);
+            assert_eq!(b.frames.len() as u64, boot, "ram {ram:#x} extra {extra}");
+            assert_eq!(pool, boot + extra);
+        }
+    }
+
+    #[test]
+    fn tss_descriptor() {
+        let g = gdt_entries();
+        assert_eq!(g[5] & 0xFFFF, TSS_SIZE - 1);
+        assert_eq!((g[5] >> 16) & 0xFF_FFFF, layout::TSS_GPA);
+        assert_eq!((g[5] >> 40) & 0xFF, 0x89);
+    }
+}

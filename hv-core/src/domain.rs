@@ -1,0 +1,426 @@
+//! Domains: one KVM VM each, with its memory, vCPUs and shared state.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use hv_abi::hypercall::VcpuContext;
+use hv_abi::shared_info::MAX_VCPUS;
+use hv_abi::start_info::SIF_USER_HYPERCALLS;
+use hv_abi::{layout, Features};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+
+use crate::boot::{self, BootError, StartInfoParams};
+use crate::console::{Console, ConsoleSink};
+use crate::loader::{KernelImage, LoadError};
+use crate::memory::{DomainMemory, MemoryError};
+use crate::outcome::{CrashReason, CrashReport, Outcome};
+use crate::stats::ExitStats;
+use crate::vcpu::{self, Vcpu};
+
+/// The ABI features this build of hv implements.
+pub const FEATURES: Features =
+    Features(Features::CONSOLE_IO.bits() | Features::SCHED.bits() | Features::VCPU_OP.bits());
+
+/// Default RAM size.
+pub const DEFAULT_MEM_BYTES: u64 = 64 << 20;
+/// Default number of page-table pool frames beyond the boot tables.
+pub const DEFAULT_POOL_EXTRA_FRAMES: u64 = 256;
+
+/// Memory slot numbers.
+const SLOT_RAM: u32 = 0;
+const SLOT_POOL: u32 = 1;
+
+/// How to build a domain.
+#[derive(Clone, Debug)]
+pub struct DomainConfig {
+    /// Name, for logs and reports.
+    pub name: String,
+    /// Domain id.
+    pub domid: u32,
+    /// RAM in bytes (a multiple of 4 KiB, 2 MiB to 256 GiB).
+    pub mem_bytes: u64,
+    /// vCPUs (1 to 32).
+    pub vcpus: u32,
+    /// Kernel command line (at most 1023 bytes, no NUL).
+    pub cmdline: String,
+    /// Allow hypercalls from guest CPL 3.
+    pub allow_user_hypercalls: bool,
+    /// Page-table pool frames beyond the boot tables.
+    pub pt_pool_extra_frames: u64,
+    /// Where console output goes.
+    pub console: ConsoleSink,
+}
+
+impl Default for DomainConfig {
+    fn default() -> Self {
+        DomainConfig {
+            name: "domain0".into(),
+            domid: 0,
+            mem_bytes: DEFAULT_MEM_BYTES,
+            vcpus: 1,
+            cmdline: String::new(),
+            allow_user_hypercalls: false,
+            pt_pool_extra_frames: DEFAULT_POOL_EXTRA_FRAMES,
+            console: ConsoleSink::Stdout,
+        }
+    }
+}
+
+/// Errors creating or running a domain.
+#[derive(Debug, Error)]
+pub enum DomainError {
+    /// The kernel image was refused.
+    #[error("kernel refused: {0}")]
+    Load(#[from] LoadError),
+    /// The boot environment could not be built (for example a bad command line).
+    #[error("{0}")]
+    Boot(#[from] BootError),
+    /// Memory could not be set up.
+    #[error("{0}")]
+    Memory(#[from] MemoryError),
+    /// Bad vCPU count.
+    #[error("{0} vCPUs requested; a domain has 1 to {MAX_VCPUS}")]
+    BadVcpus(u32),
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and accessible to this user?)")]
+    NoKvm(#[source] kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// The call.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The CPUID table could not be built.
+    #[error("cannot build the CPUID table: {0}")]
+    Cpuid(String),
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+impl DomainError {
+    /// True when the error comes from what the user asked for (a bad kernel or bad
+    /// parameters) rather than from the host.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            DomainError::Load(_) | DomainError::BadVcpus(_) => true,
+            DomainError::Boot(BootError::CmdlineTooLong(_) | BootError::CmdlineNul) => true,
+            DomainError::Memory(MemoryError::BadSize(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DomainError {
+    move |source| DomainError::Kvm { what, source }
+}
+
+/// The run state of a vCPU, as `vcpu_op` sees it.
+#[derive(Clone, Copy, Debug)]
+pub enum VcpuState {
+    /// Not initialised.
+    Down,
+    /// Initialised, waiting for `VCPUOP_UP`.
+    Initialised(VcpuContext),
+    /// Running.
+    Up(VcpuContext),
+}
+
+/// State shared by all vCPU threads of a domain.
+#[derive(Debug)]
+pub struct DomainShared {
+    /// Name.
+    pub name: String,
+    /// Domain id.
+    pub domid: u32,
+    /// Memory.
+    pub mem: DomainMemory,
+    /// Features offered to the guest.
+    pub features: Features,
+    /// Hypercalls from CPL 3 allowed.
+    pub allow_user_hypercalls: bool,
+    /// Number of vCPUs.
+    pub nr_vcpus: u32,
+    /// Console.
+    pub console: Console,
+    /// Set when the domain is stopping.
+    pub stopping: AtomicBool,
+    /// vCPU run states (for `vcpu_op`).
+    pub vcpu_states: Mutex<Vec<VcpuState>>,
+    /// Signalled when a vCPU state changes or the domain stops.
+    pub vcpu_cv: Condvar,
+    outcome: Mutex<Option<Outcome>>,
+    /// Threads currently running vCPUs, by index (for kicks).
+    threads: Mutex<Vec<Option<libc::pthread_t>>>,
+}
+
+impl DomainShared {
+    /// Records the domain's outcome (the first one wins) and stops every vCPU.
+    pub fn finish(&self, outcome: Outcome) {
+        if let Ok(mut o) = self.outcome.lock() {
+            if o.is_none() {
+                *o = Some(outcome);
+            }
+        }
+        self.request_stop();
+    }
+
+    /// Stops every vCPU: sets the flag, wakes waiting vCPUs, kicks running ones.
+    pub fn request_stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        if let Ok(_g) = self.vcpu_states.lock() {
+            self.vcpu_cv.notify_all();
+        }
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        if let Ok(threads) = self.threads.lock() {
+            for t in threads.iter().flatten() {
+                if *t != me {
+                    vcpu::kick(*t);
+                }
+            }
+        }
+    }
+
+    /// True once the domain is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Registers (or, with `None`, unregisters) the thread running vCPU `id`.
+    pub(crate) fn set_thread(&self, id: u32, t: Option<libc::pthread_t>) {
+        if let Ok(mut threads) = self.threads.lock() {
+            if let Some(slot) = threads.get_mut(id as usize) {
+                *slot = t;
+            }
+        }
+    }
+}
+
+/// A domain that has been created and not run yet.
+pub struct Domain {
+    vcpus: Vec<Vcpu>,
+    // Dropped after the vCPUs and before the memory they use.
+    _vm: VmFd,
+    shared: Arc<DomainShared>,
+    created_in: Duration,
+}
+
+/// The result of running a domain.
+#[derive(Debug)]
+pub struct DomainReport {
+    /// Domain name.
+    pub name: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Exit statistics of all vCPUs.
+    pub stats: ExitStats,
+    /// Time to create the domain.
+    pub created_in: Duration,
+    /// Time from the first vCPU entry to the end.
+    pub ran_for: Duration,
+}
+
+impl Domain {
+    /// Creates a domain and loads `image` into it. Nothing runs yet.
+    pub fn create(
+        kvm: &Kvm,
+        config: DomainConfig,
+        image: &KernelImage,
+    ) -> Result<Domain, DomainError> {
+        let t0 = Instant::now();
+        let span = tracing::info_span!("domain", name = %config.name, domid = config.domid);
+        let _e = span.enter();
+        if config.vcpus == 0 || config.vcpus as usize > MAX_VCPUS {
+            return Err(DomainError::BadVcpus(config.vcpus));
+        }
+        boot::check_cmdline(&config.cmdline)?;
+        image.check_abi(FEATURES)?;
+        image.check_fits(config.mem_bytes)?;
+
+        let (pool_frames, _) = boot::pool_frames_for(config.mem_bytes, config.pt_pool_extra_frames);
+        let mem = DomainMemory::new(&config.name, config.mem_bytes, pool_frames)?;
+        let first_free = image.load_into(&mem)?;
+        let bi = boot::build_page_tables(&mem)?;
+        boot::write_gdt_tss(&mem)?;
+        let flags = if config.allow_user_hypercalls {
+            SIF_USER_HYPERCALLS
+        } else {
+            0
+        };
+        boot::write_start_info(
+            &mem,
+            &bi,
+            &StartInfoParams {
+                domid: config.domid,
+                nr_vcpus: config.vcpus,
+                flags,
+                features: FEATURES,
+                kernel: (image.start(), image.end()),
+                first_free,
+                cmdline: &config.cmdline,
+            },
+        )?;
+
+        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let regions = [
+            (SLOT_RAM, 0u32, 0u64, mem.ram_bytes()),
+            (
+                SLOT_POOL,
+                KVM_MEM_READONLY,
+                mem.pool_gpa(),
+                mem.pool_end() - mem.pool_gpa(),
+            ),
+        ];
+        for (slot, flags, gpa, size) in regions {
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: mem.host_address(gpa)?,
+            };
+            // SAFETY: the region is mapped by `mem` for its whole size and stays mapped
+            // until after the VM is destroyed (Domain drops the VM before the memory).
+            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("set memory region"))?;
+        }
+
+        let supported = crate::cpuid::supported_cached(kvm)?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let cpuid = crate::cpuid::build(&supported, id, FEATURES)
+                .map_err(|e| DomainError::Cpuid(format!("{e:?}")))?;
+            let v = Vcpu::new(&vm, id, &cpuid)?;
+            if id == 0 {
+                v.set_boot_state(
+                    image.entry,
+                    layout::BOOT_STACK_TOP - 8,
+                    layout::START_INFO_GPA,
+                    bi.pt_base,
+                )?;
+            }
+            vcpus.push(v);
+        }
+        let mut states = vec![VcpuState::Down; config.vcpus as usize];
+        states[0] = VcpuState::Up(VcpuContext::default());
+        let shared = Arc::new(DomainShared {
+            name: config.name,
+            domid: config.domid,
+            mem,
+            features: FEATURES,
+            allow_user_hypercalls: config.allow_user_hypercalls,
+            nr_vcpus: config.vcpus,
+            console: Console::new(config.console),
+            stopping: AtomicBool::new(false),
+            vcpu_states: Mutex::new(states),
+            vcpu_cv: Condvar::new(),
+            outcome: Mutex::new(None),
+            threads: Mutex::new(vec![None; config.vcpus as usize]),
+        });
+        tracing::debug!(vcpus = shared.nr_vcpus, pool_frames, "domain created");
+        Ok(Domain {
+            vcpus,
+            _vm: vm,
+            shared,
+            created_in: t0.elapsed(),
+        })
+    }
+
+    /// The state shared with the vCPUs (memory, console, ...).
+    pub fn shared(&self) -> &Arc<DomainShared> {
+        &self.shared
+    }
+
+    /// Runs the domain until it shuts down or crashes. vCPU 0 runs on the calling
+    /// thread; the others on their own threads, once the guest brings them up.
+    pub fn run(mut self) -> Result<DomainReport, DomainError> {
+        let span =
+            tracing::info_span!("domain", name = %self.shared.name, domid = self.shared.domid);
+        let _e = span.enter();
+        vcpu::install_kick_handler()?;
+        let t0 = Instant::now();
+        let mut rest = self.vcpus.split_off(1);
+        let mut handles = Vec::new();
+        for v in rest.drain(..) {
+            let shared = self.shared.clone();
+            let parent = span.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{}", v.id()))
+                .spawn(move || {
+                    let _e = parent.enter();
+                    v.run_secondary(&shared)
+                })
+                .map_err(|e| {
+                    self.shared.request_stop();
+                    DomainError::Thread(e)
+                });
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut stats = ExitStats::default();
+        if let Some(mut v0) = self.vcpus.pop() {
+            v0.run(&self.shared);
+            stats.merge(v0.stats());
+        }
+        self.shared.request_stop();
+        for h in handles {
+            match h.join() {
+                Ok(s) => stats.merge(&s),
+                Err(_) => self.shared.finish(Outcome::Crash(Box::new(CrashReport {
+                    vcpu: u32::MAX,
+                    reason: CrashReason::Kvm("a vCPU thread panicked".into()),
+                    regs: None,
+                    sregs: None,
+                }))),
+            }
+        }
+        let outcome = self
+            .shared
+            .outcome
+            .lock()
+            .ok()
+            .and_then(|mut o| o.take())
+            .unwrap_or_else(|| {
+                Outcome::Crash(Box::new(CrashReport {
+                    vcpu: 0,
+                    reason: CrashReason::UnexpectedExit(
+                        "all vCPUs stopped without a shutdown".into(),
+                    ),
+                    regs: None,
+                    sregs: None,
+                }))
+            });
+        tracing::info!(%outcome, "domain ended");
+        Ok(DomainReport {
+            name: self.shared.name.clone(),
+            outcome,
+            stats,
+            created_in: self.created_in,
+            ran_for: t0.elapsed(),
+        })
+    }
+}
+
+/// Parses, checks and runs an ELF kernel in a new domain.
+pub fn run_elf(kvm: &Kvm, config: DomainConfig, elf: &[u8]) -> Result<DomainReport, DomainError> {
+    let image = KernelImage::from_elf(elf)?;
+    Domain::create(kvm, config, &image)?.run()
+}
+
+/// Opens /dev/kvm.
+pub fn open_kvm() -> Result<Kvm, DomainError> {
+    Kvm::new().map_err(DomainError::NoKvm)
+}

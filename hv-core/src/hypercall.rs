@@ -1,0 +1,161 @@
+//! Hypercall dispatch: decodes an operation and its arguments, checks them, runs it.
+//!
+//! Every argument comes from the guest and is checked here before use. The result is
+//! a non-negative value or an [`Errno`]; a successful shutdown stops the vCPU.
+
+use hv_abi::hypercall::{
+    VcpuContext, CONSOLEIO_READ, CONSOLEIO_WRITE, CONSOLE_WRITE_MAX, VCPUOP_INITIALISE,
+    VCPUOP_IS_UP, VCPUOP_UP, VERSION_FEATURES, VERSION_GET,
+};
+use hv_abi::sched::{
+    SCHEDOP_BLOCK, SCHEDOP_POLL, SCHEDOP_SHUTDOWN, SCHEDOP_YIELD, SHUTDOWN_CODE_MAX,
+    SHUTDOWN_CRASH, SHUTDOWN_POWEROFF, SHUTDOWN_REBOOT,
+};
+use hv_abi::version::packed_version;
+use hv_abi::{Errno, Op, ABI_MAJOR, ABI_MINOR, PAGE_SIZE};
+
+use crate::domain::{DomainShared, VcpuState};
+use crate::outcome::{CrashReason, CrashReport, Outcome};
+
+/// What the vCPU does after a hypercall.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Return this value in RAX and resume the guest.
+    Return(i64),
+    /// The domain is shutting down: stop this vCPU.
+    Stop,
+}
+
+/// Registers of a hypercall.
+#[derive(Clone, Copy, Debug)]
+pub struct Call {
+    /// RAX.
+    pub op: u64,
+    /// RDI, RSI, RDX, R10, R8.
+    pub args: [u64; 5],
+    /// The caller's privilege level.
+    pub cpl: u8,
+}
+
+type HcResult = Result<u64, Errno>;
+
+fn ret(r: HcResult) -> Disposition {
+    Disposition::Return(match r {
+        Ok(v) => v as i64,
+        Err(e) => e.to_ret(),
+    })
+}
+
+/// Runs one hypercall for vCPU `vcpu` of `dom`.
+pub fn dispatch(dom: &DomainShared, vcpu: u32, call: Call) -> Disposition {
+    if call.cpl != 0 && !dom.allow_user_hypercalls {
+        return ret(Err(Errno::EPERM));
+    }
+    let [a1, a2, a3, _a4, _a5] = call.args;
+    match Op::from_u64(call.op) {
+        Some(Op::Version) => ret(version(dom, a1)),
+        Some(Op::ConsoleIo) => ret(console_io(dom, a1, a2, a3)),
+        Some(Op::SchedOp) => sched_op(dom, vcpu, a1, a2, a3),
+        Some(Op::VcpuOp) => ret(vcpu_op(dom, a1, a2, a3)),
+        // Specified in ABI v1, implemented by later features.
+        Some(_) | None => ret(Err(Errno::ENOSYS)),
+    }
+}
+
+fn version(dom: &DomainShared, cmd: u64) -> HcResult {
+    match cmd {
+        VERSION_GET => Ok(u64::from(packed_version(ABI_MAJOR, ABI_MINOR))),
+        VERSION_FEATURES => Ok(dom.features.bits()),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
+fn console_io(dom: &DomainShared, cmd: u64, len: u64, gpa: u64) -> HcResult {
+    match cmd {
+        CONSOLEIO_WRITE => {
+            if len > CONSOLE_WRITE_MAX {
+                return Err(Errno::E2BIG);
+            }
+            if len == 0 {
+                return Ok(0);
+            }
+            let mut buf = [0u8; CONSOLE_WRITE_MAX as usize];
+            let buf = &mut buf[..len as usize];
+            dom.mem.read_ram(gpa, buf).map_err(|_| Errno::EFAULT)?;
+            dom.console.write(buf);
+            Ok(len)
+        }
+        CONSOLEIO_READ => Err(Errno::ENOSYS),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
+fn sched_op(dom: &DomainShared, vcpu: u32, cmd: u64, reason: u64, code: u64) -> Disposition {
+    match cmd {
+        SCHEDOP_YIELD => {
+            std::thread::yield_now();
+            ret(Ok(0))
+        }
+        SCHEDOP_SHUTDOWN => {
+            let outcome = match reason {
+                SHUTDOWN_POWEROFF if code <= SHUTDOWN_CODE_MAX => {
+                    Outcome::Poweroff { code: code as u8 }
+                }
+                SHUTDOWN_REBOOT => Outcome::Reboot,
+                SHUTDOWN_CRASH => Outcome::Crash(Box::new(CrashReport {
+                    vcpu,
+                    reason: CrashReason::GuestCrash,
+                    regs: None,
+                    sregs: None,
+                })),
+                _ => return ret(Err(Errno::EINVAL)),
+            };
+            tracing::debug!(vcpu, %outcome, "guest shutdown");
+            dom.finish(outcome);
+            Disposition::Stop
+        }
+        SCHEDOP_BLOCK | SCHEDOP_POLL => ret(Err(Errno::ENOSYS)),
+        _ => ret(Err(Errno::EINVAL)),
+    }
+}
+
+fn vcpu_op(dom: &DomainShared, cmd: u64, target: u64, gpa: u64) -> HcResult {
+    if !matches!(cmd, VCPUOP_INITIALISE | VCPUOP_UP | VCPUOP_IS_UP) {
+        return Err(Errno::EINVAL);
+    }
+    if target >= u64::from(dom.nr_vcpus) {
+        return Err(Errno::EINVAL);
+    }
+    let idx = target as usize;
+    let mut slots = dom.vcpu_states.lock().map_err(|_| Errno::EIO)?;
+    match cmd {
+        VCPUOP_IS_UP => Ok(u64::from(matches!(slots[idx], VcpuState::Up(_)))),
+        VCPUOP_INITIALISE => {
+            if matches!(slots[idx], VcpuState::Up(_)) {
+                return Err(Errno::EEXIST);
+            }
+            let ctx: VcpuContext = dom.mem.read_obj(gpa).map_err(|_| Errno::EFAULT)?;
+            if ctx.reserved.iter().any(|r| *r != 0) {
+                return Err(Errno::EINVAL);
+            }
+            let cr3_ok = ctx.cr3 % PAGE_SIZE == 0
+                && ctx.cr3 >= dom.mem.pool_gpa()
+                && ctx.cr3 < dom.mem.pool_end();
+            if !cr3_ok {
+                return Err(Errno::EINVAL);
+            }
+            slots[idx] = VcpuState::Initialised(ctx);
+            Ok(0)
+        }
+        _ => match slots[idx] {
+            VcpuState::Up(_) => Err(Errno::EEXIST),
+            VcpuState::Down => Err(Errno::EINVAL),
+            VcpuState::Initialised(ctx) => {
+                slots[idx] = VcpuState::Up(ctx);
+                drop(slots);
+                dom.vcpu_cv.notify_all();
+                Ok(0)
+            }
+        },
+    }
+}

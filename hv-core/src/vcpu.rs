@@ -1,0 +1,331 @@
+//! vCPUs: the run loop, exit handling and kicks.
+//!
+//! Each vCPU runs `KVM_RUN` in a loop on its own thread. Registers for hypercalls are
+//! read from and written to KVM's sync_regs area (no extra ioctls on the hot path).
+//! Every exit kind is handled; anything the guest is not allowed to do crashes the
+//! domain with a report, never the hypervisor.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use hv_abi::hypercall::VcpuContext;
+use hv_abi::hypercall::HYPERCALL_PORT;
+use kvm_bindings::CpuId;
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
+
+use crate::boot;
+use crate::domain::{DomainError, DomainShared, VcpuState};
+use crate::hypercall::{self, Call, Disposition};
+use crate::outcome::{CrashReason, CrashReport, Outcome};
+use crate::stats::{ExitKind, ExitStats};
+
+thread_local! {
+    /// The running vCPU's `kvm_run.immediate_exit`, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = IMMEDIATE_EXIT.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is set by this thread to its own vCPU's kvm_run mapping,
+        // which stays mapped while it is set (cleared before the vCPU is dropped).
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+static KICK_INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Installs the process-wide handler of the signal that kicks vCPUs out of KVM_RUN.
+pub fn install_kick_handler() -> Result<(), DomainError> {
+    KICK_INSTALLED
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| DomainError::Thread(std::io::Error::other(e)))
+}
+
+/// Kicks a thread running a vCPU: KVM_RUN returns (now or as soon as it is entered).
+pub fn kick(thread: libc::pthread_t) {
+    // SAFETY: the thread id is registered only while the thread runs its vCPU loop, and
+    // unregistered under the same lock the caller holds, so the thread is alive.
+    unsafe {
+        libc::pthread_kill(thread, kick_signal());
+    }
+}
+
+/// An exit, copied out of kvm_run so the vCPU can be used while handling it.
+enum Exit {
+    Hypercall,
+    Port {
+        port: u16,
+        size: u32,
+        dir: &'static str,
+    },
+    Mmio {
+        gpa: u64,
+        size: u32,
+        dir: &'static str,
+    },
+    Shutdown,
+    InternalError,
+    FailEntry(u64),
+    Hlt,
+    Other(String),
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+    stats: ExitStats,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` with its CPUID table and sync_regs enabled.
+    pub fn new(vm: &VmFd, id: u32, cpuid: &CpuId) -> Result<Vcpu, DomainError> {
+        let mut fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| DomainError::Kvm {
+                what: "create vCPU",
+                source,
+            })?;
+        fd.set_cpuid2(cpuid).map_err(|source| DomainError::Kvm {
+            what: "set CPUID",
+            source,
+        })?;
+        fd.set_sync_valid_reg(SyncReg::Register);
+        fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        Ok(Vcpu {
+            id,
+            fd,
+            stats: ExitStats::default(),
+        })
+    }
+
+    /// The vCPU index.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Exit statistics so far.
+    pub fn stats(&self) -> &ExitStats {
+        &self.stats
+    }
+
+    /// Puts the vCPU in the boot state at `rip` with `rsp`, RDI = `rdi`, CR3 = `cr3`.
+    pub fn set_boot_state(
+        &self,
+        rip: u64,
+        rsp: u64,
+        rdi: u64,
+        cr3: u64,
+    ) -> Result<(), DomainError> {
+        let sregs = self.fd.get_sregs().map_err(|source| DomainError::Kvm {
+            what: "get sregs",
+            source,
+        })?;
+        self.fd
+            .set_sregs(&boot::boot_sregs(sregs, cr3))
+            .map_err(|source| DomainError::Kvm {
+                what: "set sregs",
+                source,
+            })?;
+        self.fd
+            .set_regs(&boot::boot_regs(rip, rsp, rdi))
+            .map_err(|source| DomainError::Kvm {
+                what: "set regs",
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Waits until the guest brings this vCPU up (or the domain stops), then runs it.
+    /// Returns the vCPU's statistics.
+    pub fn run_secondary(mut self, dom: &DomainShared) -> ExitStats {
+        let ctx: Option<VcpuContext> = {
+            let Ok(mut states) = dom.vcpu_states.lock() else {
+                return self.stats;
+            };
+            loop {
+                if dom.is_stopping() {
+                    break None;
+                }
+                if let Some(VcpuState::Up(ctx)) = states.get(self.id as usize) {
+                    break Some(*ctx);
+                }
+                states = match dom.vcpu_cv.wait(states) {
+                    Ok(s) => s,
+                    Err(_) => return self.stats,
+                };
+            }
+        };
+        if let Some(ctx) = ctx {
+            tracing::debug!(vcpu = self.id, rip = ctx.rip, "vCPU up");
+            match self.set_boot_state(ctx.rip, ctx.rsp, ctx.arg, ctx.cr3) {
+                Ok(()) => self.run(dom),
+                Err(e) => dom.finish(Outcome::Crash(Box::new(CrashReport {
+                    vcpu: self.id,
+                    reason: CrashReason::Kvm(e.to_string()),
+                    regs: None,
+                    sregs: None,
+                }))),
+            }
+        }
+        self.stats
+    }
+
+    /// Runs the vCPU until the domain stops.
+    pub fn run(&mut self, dom: &DomainShared) {
+        let span = tracing::debug_span!("vcpu", id = self.id);
+        let _e = span.enter();
+        let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
+        // SAFETY: pthread_self has no preconditions.
+        dom.set_thread(self.id, Some(unsafe { libc::pthread_self() }));
+        self.run_loop(dom);
+        dom.set_thread(self.id, None);
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    fn run_loop(&mut self, dom: &DomainShared) {
+        loop {
+            if dom.is_stopping() {
+                return;
+            }
+            let exit = match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) if port == HYPERCALL_PORT => {
+                        let _ = data;
+                        Exit::Hypercall
+                    }
+                    VcpuExit::IoOut(port, data) => Exit::Port {
+                        port,
+                        size: data.len() as u32,
+                        dir: "out",
+                    },
+                    VcpuExit::IoIn(port, data) => Exit::Port {
+                        port,
+                        size: data.len() as u32,
+                        dir: "in",
+                    },
+                    VcpuExit::MmioRead(gpa, data) => Exit::Mmio {
+                        gpa,
+                        size: data.len() as u32,
+                        dir: "read",
+                    },
+                    VcpuExit::MmioWrite(gpa, data) => Exit::Mmio {
+                        gpa,
+                        size: data.len() as u32,
+                        dir: "write",
+                    },
+                    VcpuExit::Shutdown => Exit::Shutdown,
+                    VcpuExit::InternalError => Exit::InternalError,
+                    VcpuExit::FailEntry(reason, _cpu) => Exit::FailEntry(reason),
+                    VcpuExit::Hlt => Exit::Hlt,
+                    other => Exit::Other(format!("{other:?}")),
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    self.stats.exit(ExitKind::Interrupted);
+                    continue;
+                }
+                Err(e) => {
+                    self.crash(dom, CrashReason::Kvm(format!("KVM_RUN: {e}")));
+                    return;
+                }
+            };
+            match exit {
+                Exit::Hypercall => {
+                    self.stats.exit(ExitKind::Hypercall);
+                    if self.hypercall(dom) == Disposition::Stop {
+                        return;
+                    }
+                }
+                Exit::Port { port, size, dir } => {
+                    self.stats.exit(ExitKind::PortIo);
+                    self.crash(dom, CrashReason::UnknownPort { port, size, dir });
+                    return;
+                }
+                Exit::Mmio { gpa, size, dir } => {
+                    self.stats.exit(ExitKind::Mmio);
+                    self.crash(dom, CrashReason::UnknownMmio { gpa, size, dir });
+                    return;
+                }
+                Exit::Shutdown => {
+                    self.stats.exit(ExitKind::Shutdown);
+                    self.crash(dom, CrashReason::TripleFault);
+                    return;
+                }
+                Exit::InternalError => {
+                    self.stats.exit(ExitKind::InternalError);
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
+                    // `internal` member of the union is the one KVM filled in.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    self.crash(dom, CrashReason::EmulationFailure { suberror });
+                    return;
+                }
+                Exit::FailEntry(reason) => {
+                    self.stats.exit(ExitKind::FailEntry);
+                    self.crash(dom, CrashReason::EntryFailure { reason });
+                    return;
+                }
+                Exit::Hlt => {
+                    self.stats.exit(ExitKind::Hlt);
+                    self.crash(dom, CrashReason::Halted);
+                    return;
+                }
+                Exit::Other(what) => {
+                    self.stats.exit(ExitKind::Other);
+                    self.crash(dom, CrashReason::UnexpectedExit(what));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles a hypercall exit: registers from sync_regs, result into RAX.
+    #[inline]
+    fn hypercall(&mut self, dom: &DomainShared) -> Disposition {
+        let t0 = Instant::now();
+        let sync = self.fd.sync_regs_mut();
+        let r = &sync.regs;
+        let call = Call {
+            op: r.rax,
+            args: [r.rdi, r.rsi, r.rdx, r.r10, r.r8],
+            cpl: (sync.sregs.cs.selector & 3) as u8,
+        };
+        let d = hypercall::dispatch(dom, self.id, call);
+        let ok = match d {
+            Disposition::Return(v) => {
+                self.fd.sync_regs_mut().regs.rax = v as u64;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                v >= 0
+            }
+            Disposition::Stop => true,
+        };
+        self.stats
+            .hypercall(call.op, ok, t0.elapsed().as_nanos() as u64);
+        tracing::trace!(op = call.op, ?d, "hypercall");
+        d
+    }
+
+    fn crash(&mut self, dom: &DomainShared, reason: CrashReason) {
+        let regs = self.fd.get_regs().ok();
+        let sregs = self.fd.get_sregs().ok();
+        tracing::warn!(vcpu = self.id, %reason, rip = regs.map(|r| r.rip), "domain crashed");
+        dom.finish(Outcome::Crash(Box::new(CrashReport {
+            vcpu: self.id,
+            reason,
+            regs,
+            sregs,
+        })));
+    }
+}
