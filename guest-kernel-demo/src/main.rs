@@ -1,1 +1,93 @@
+//! hv demo kernel: boots through the SDK, prints what the hypervisor told it, and
+//! powers off.
+//!
+//! Command line (space-separated words):
+//! * `exit=N`: power off with exit code `N` (0 to 99; anything else is reported and
+//!   exits with code 1);
+//! * `panic`: panic, to show the crash path.
 #![no_std]
+#![no_main]
+
+use guest_sdk::hv_abi::start_info::StartInfo;
+use guest_sdk::{cmdline, println, Features, ABI_MAJOR, ABI_MINOR};
+
+guest_sdk::entry!(main, Features::CONSOLE_IO | Features::SCHED);
+guest_sdk::panic_handler!();
+
+/// Writes `bits` as `0x<hex> (name|name)` with the names hv-abi knows.
+struct FeatureList(Features);
+
+impl core::fmt::Display for FeatureList {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:#x} (", self.0.bits())?;
+        let mut rest = self.0.bits();
+        let mut sep = "";
+        for (feat, name) in Features::NAMED {
+            if rest & feat.bits() != 0 {
+                write!(f, "{sep}{name}")?;
+                sep = "|";
+                rest &= !feat.bits();
+            }
+        }
+        if rest != 0 {
+            write!(f, "{sep}{rest:#x}")?;
+        } else if sep.is_empty() {
+            f.write_str("none")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// The command line, printable: the bytes if UTF-8, a placeholder otherwise.
+fn printable(bytes: &[u8]) -> &str {
+    core::str::from_utf8(bytes).unwrap_or("<not UTF-8>")
+}
+
+fn main(si: &'static StartInfo) -> ! {
+    let cmd = si.cmdline_bytes();
+    println!("hv demo kernel: hello from a paravirtual guest");
+    println!(
+        "  ABI v{}.{} (built for v{}.{}), features {}",
+        si.abi_major,
+        si.abi_minor,
+        ABI_MAJOR,
+        ABI_MINOR,
+        FeatureList(Features(si.features))
+    );
+    println!(
+        "  domain {}: {} vCPU(s), {} MiB RAM ({} pages)",
+        si.domid,
+        si.nr_vcpus,
+        si.nr_pages >> 8,
+        si.nr_pages
+    );
+    println!(
+        "  kernel {:#x}-{:#x}, first free {:#x}",
+        si.kernel_start_gpa, si.kernel_end_gpa, si.first_free_gpa
+    );
+    println!(
+        "  page tables: root {:#x}, {} boot frames, pool of {} frames at {:#x}",
+        si.pt_base_gpa, si.nr_pt_frames, si.pt_pool_frames, si.pt_pool_gpa
+    );
+    println!(
+        "  shared_info {:#x}, command line: \"{}\"",
+        si.shared_info_gpa,
+        printable(cmd)
+    );
+
+    if cmdline::has_flag(cmd, b"panic") {
+        panic!("demo: panic requested on the command line");
+    }
+    let code = match cmdline::value(cmd, b"exit") {
+        None => 0,
+        Some(v) => match cmdline::parse_u64(v) {
+            Some(n) if n <= 99 => n as u8,
+            _ => {
+                println!("demo: bad exit code \"{}\" (want 0-99)", printable(v));
+                1
+            }
+        },
+    };
+    println!("demo: done, powering off with code {code}");
+    guest_sdk::poweroff(code)
+}
