@@ -1,1 +1,211 @@
+//! Helpers shared by hv's integration tests: KVM availability, booting guests, and
+//! ELF surgery for the loader's rejection cases.
 
+use std::sync::OnceLock;
+
+use hv_core::{ConsoleSink, DomainConfig, DomainError, DomainReport};
+use kvm_ioctls::Kvm;
+
+/// The test guest kernel (tests/test-guest), built at build time.
+pub static TEST_GUEST: &[u8] = include_bytes!(env!("TEST_GUEST_ELF"));
+
+/// The demo kernel embedded in hv-core.
+pub fn demo_kernel() -> &'static [u8] {
+    hv_core::DEMO_KERNEL
+}
+
+/// Returns true if KVM tests can run. Without a usable /dev/kvm this panics, unless
+/// `HV_SKIP_KVM=1` is set, in which case it says so loudly and returns false.
+pub fn kvm_available() -> bool {
+    static STATE: OnceLock<Result<(), String>> = OnceLock::new();
+    let state = STATE.get_or_init(|| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    match state {
+        Ok(()) => true,
+        Err(e) if std::env::var("HV_SKIP_KVM").as_deref() == Ok("1") => {
+            eprintln!("SKIPPING KVM TEST (HV_SKIP_KVM=1): /dev/kvm is not usable: {e}");
+            false
+        }
+        Err(e) => panic!(
+            "/dev/kvm is not usable ({e}): hv's tests run real guests on KVM. \
+             Set HV_SKIP_KVM=1 to skip them explicitly."
+        ),
+    }
+}
+
+/// Opens /dev/kvm (call after [`kvm_available`]).
+pub fn kvm() -> Kvm {
+    Kvm::new().expect("open /dev/kvm")
+}
+
+/// What a test run of a guest produced.
+#[derive(Debug)]
+pub struct GuestRun {
+    /// The report.
+    pub report: DomainReport,
+    /// Everything the guest wrote to its console.
+    pub console: String,
+}
+
+impl GuestRun {
+    /// The value of a `key=value` console line, if any.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        let prefix = format!("{key}=");
+        self.console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+    }
+
+    /// The value of a `key=value` line parsed as an integer; panics with the console
+    /// output if missing.
+    pub fn int(&self, key: &str) -> i64 {
+        let v = self
+            .value(key)
+            .unwrap_or_else(|| panic!("no {key}= line in console output:\n{}", self.console));
+        let v = v.trim();
+        let parsed = if let Some(hex) = v.strip_prefix("0x") {
+            i64::from_str_radix(hex, 16).ok()
+        } else {
+            v.parse().ok()
+        };
+        parsed.unwrap_or_else(|| panic!("{key}={v} is not an integer; console:\n{}", self.console))
+    }
+}
+
+/// Runs `elf` with `config` (its console is captured).
+pub fn run_elf(elf: &[u8], mut config: DomainConfig) -> Result<GuestRun, DomainError> {
+    let (sink, buf) = ConsoleSink::capture();
+    config.console = sink;
+    let report = hv_core::domain::run_elf(&kvm(), config, elf)?;
+    let console = String::from_utf8_lossy(&buf.lock().expect("console buffer")).into_owned();
+    Ok(GuestRun { report, console })
+}
+
+/// Runs a test-guest scenario with default settings and `cmdline` appended.
+pub fn scenario(name: &str, extra: &str) -> GuestRun {
+    scenario_with(name, extra, DomainConfig::default())
+}
+
+/// Runs a test-guest scenario with a given configuration.
+pub fn scenario_with(name: &str, extra: &str, mut config: DomainConfig) -> GuestRun {
+    config.name = format!("test-{name}");
+    config.cmdline = format!("scenario={name} {extra}").trim().to_string();
+    run_elf(TEST_GUEST, config).unwrap_or_else(|e| panic!("scenario {name}: {e}"))
+}
+
+/// ELF surgery on a valid kernel, for the loader's rejection tests.
+pub mod elf_edit {
+    use object::elf::{FileHeader64, ProgramHeader64, PT_LOAD, PT_NOTE};
+    use object::read::elf::{FileHeader, ProgramHeader};
+    use object::{Endianness, LittleEndian as LE, U16, U32, U64};
+    use zerocopy::IntoBytes as _;
+
+    /// File offset of the program header table and the number of entries.
+    pub fn phdr_table(elf: &[u8]) -> (usize, usize) {
+        let h = FileHeader64::<Endianness>::parse(elf).expect("valid ELF");
+        let e = h.endian().expect("endian");
+        (h.e_phoff(e) as usize, h.e_phnum(e) as usize)
+    }
+
+    /// Indices of the program headers of a type.
+    pub fn phdrs_of_type(elf: &[u8], ty: u32) -> Vec<usize> {
+        let h = FileHeader64::<Endianness>::parse(elf).expect("valid ELF");
+        let e = h.endian().expect("endian");
+        h.program_headers(e, elf)
+            .expect("phdrs")
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.p_type(e) == ty)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Indices of PT_LOAD headers.
+    pub fn loads(elf: &[u8]) -> Vec<usize> {
+        phdrs_of_type(elf, PT_LOAD)
+    }
+
+    /// Reads program header `i`.
+    pub fn phdr(elf: &[u8], i: usize) -> ProgramHeader64<LE> {
+        let (off, _) = phdr_table(elf);
+        let size = core::mem::size_of::<ProgramHeader64<LE>>();
+        let at = off + i * size;
+        *object::pod::from_bytes::<ProgramHeader64<LE>>(&elf[at..at + size])
+            .expect("phdr")
+            .0
+    }
+
+    /// Rewrites program header `i` with `f`.
+    pub fn edit_phdr(elf: &mut [u8], i: usize, f: impl FnOnce(&mut ProgramHeader64<LE>)) {
+        let (off, _) = phdr_table(elf);
+        let size = core::mem::size_of::<ProgramHeader64<LE>>();
+        let mut p = phdr(elf, i);
+        f(&mut p);
+        let at = off + i * size;
+        elf[at..at + size].copy_from_slice(object::pod::bytes_of(&p));
+    }
+
+    /// Sets a u64 field of a program header.
+    pub fn u64v(v: u64) -> U64<LE> {
+        U64::new(LE, v)
+    }
+
+    /// Sets a u32 field.
+    pub fn u32v(v: u32) -> U32<LE> {
+        U32::new(LE, v)
+    }
+
+    /// Sets a u16 in the file header at `offset`.
+    pub fn set_u16(elf: &mut [u8], offset: usize, v: u16) {
+        elf[offset..offset + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Sets a u64 in the file header at `offset`.
+    pub fn set_u64(elf: &mut [u8], offset: usize, v: u64) {
+        elf[offset..offset + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// File offset of the hv ABI note's descriptor.
+    pub fn abi_note_desc_offset(elf: &[u8]) -> usize {
+        for i in phdrs_of_type(elf, PT_NOTE) {
+            let p = phdr(elf, i);
+            let mut at = p.p_offset.get(LE) as usize;
+            let end = at + p.p_filesz.get(LE) as usize;
+            while at + 12 <= end {
+                let namesz = u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) as usize;
+                let descsz = u32::from_le_bytes(elf[at + 4..at + 8].try_into().unwrap()) as usize;
+                let ty = u32::from_le_bytes(elf[at + 8..at + 12].try_into().unwrap());
+                let name = &elf[at + 12..at + 12 + namesz];
+                let desc = at + 12 + namesz.div_ceil(4) * 4;
+                if name == b"hv\0" && ty == hv_abi::note::NOTE_TYPE_ABI {
+                    return desc;
+                }
+                at = desc + descsz.div_ceil(4) * 4;
+            }
+        }
+        panic!("no hv ABI note in this ELF");
+    }
+
+    /// Rewrites the ABI note's descriptor.
+    pub fn set_note(elf: &mut [u8], note: hv_abi::note::AbiNote) {
+        let at = abi_note_desc_offset(elf);
+        elf[at..at + 16].copy_from_slice(note.as_bytes());
+    }
+
+    /// The ABI note's descriptor.
+    pub fn note(elf: &[u8]) -> hv_abi::note::AbiNote {
+        let at = abi_note_desc_offset(elf);
+        zerocopy::FromBytes::read_from_bytes(&elf[at..at + 16]).expect("note")
+    }
+
+    /// Unused, keeps U16 imported for callers that edit 16-bit fields.
+    pub fn u16v(v: u16) -> U16<LE> {
+        U16::new(LE, v)
+    }
+}

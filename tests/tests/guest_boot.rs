@@ -1,0 +1,263 @@
+//! Real guests on real KVM: boot, negotiate, make hypercalls, misbehave; check what
+//! the host and the guest observed.
+
+use hv_abi::layout;
+use hv_abi::{Errno, Op};
+use hv_core::stats::ExitKind;
+use hv_core::{CrashReason, DomainConfig, DomainError, LoadError, Outcome, FEATURES};
+use tests::{kvm_available, run_elf, scenario, scenario_with};
+
+fn poweroff(o: &Outcome) -> u8 {
+    match o {
+        Outcome::Poweroff { code } => *code,
+        other => panic!("expected a poweroff, got {other}"),
+    }
+}
+
+fn crash_reason(o: &Outcome) -> &CrashReason {
+    &o.crash().unwrap_or_else(|| panic!("expected a crash, got {o}")).reason
+}
+
+#[test]
+fn demo_prints_its_banner_and_exits_zero() {
+    if !kvm_available() {
+        return;
+    }
+    let run = run_elf(tests::demo_kernel(), DomainConfig::default()).expect("demo runs");
+    assert_eq!(poweroff(&run.report.outcome), 0, "console:\n{}", run.console);
+    let first = run.console.lines().next().unwrap_or_default();
+    assert!(first.contains("hv demo kernel"), "banner: {first:?}");
+    assert!(run.console.contains("ABI v1.0"), "console:\n{}", run.console);
+    assert!(run.console.contains("64 MiB"), "start_info memory shown:\n{}", run.console);
+    let stats = &run.report.stats;
+    assert!(stats.op(Op::ConsoleIo).count >= 3);
+    assert!(stats.op(Op::Version).count >= 2, "SDK init negotiates version and features");
+    assert_eq!(stats.op(Op::SchedOp).count, 1);
+    assert_eq!(stats.exits_of(ExitKind::Hypercall), stats.ops.iter().map(|o| o.count).sum::<u64>());
+}
+
+#[test]
+fn demo_exit_code_and_crash_from_command_line() {
+    if !kvm_available() {
+        return;
+    }
+    let cfg = |c: &str| DomainConfig {
+        cmdline: c.into(),
+        ..DomainConfig::default()
+    };
+    let run = run_elf(tests::demo_kernel(), cfg("exit=42")).unwrap();
+    assert_eq!(poweroff(&run.report.outcome), 42);
+    let run = run_elf(tests::demo_kernel(), cfg("panic")).unwrap();
+    assert_eq!(crash_reason(&run.report.outcome), &CrashReason::GuestCrash);
+    assert!(run.console.contains("panic"), "console:\n{}", run.console);
+    assert_eq!(run.report.outcome.exit_code(), hv_core::outcome::EXIT_CRASH);
+}
+
+#[test]
+fn hello_and_exit_codes() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("hello", "");
+    assert!(run.console.contains("test-guest: hello"), "{}", run.console);
+    assert_eq!(poweroff(&run.report.outcome), 0);
+    for code in [1u8, 7, 99] {
+        let run = scenario("exit", &format!("code={code}"));
+        assert_eq!(poweroff(&run.report.outcome), code, "{}", run.console);
+        assert_eq!(run.report.outcome.exit_code(), code);
+    }
+}
+
+#[test]
+fn command_line_reaches_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("cmdline", "alpha beta=gamma");
+    assert_eq!(run.value("cmdline"), Some("scenario=cmdline alpha beta=gamma"), "{}", run.console);
+}
+
+#[test]
+fn guest_panic_is_a_crash_with_its_message() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("panic", "");
+    assert_eq!(crash_reason(&run.report.outcome), &CrashReason::GuestCrash);
+    assert!(run.console.contains("panic: boom"), "{}", run.console);
+}
+
+#[test]
+fn cpuid_leaves_identify_hv() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("cpuid", "");
+    assert_eq!(run.value("cpuid_sig"), Some("hvParavirtHV"), "{}", run.console);
+    assert_eq!(run.int("cpuid_version"), 0x1_0000);
+    assert_eq!(run.int("cpuid_features") as u64, FEATURES.bits());
+    assert_eq!(run.int("cpuid_port"), i64::from(hv_abi::hypercall::HYPERCALL_PORT));
+}
+
+#[test]
+fn hypercall_argument_errors() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("hypercalls", "");
+    assert_eq!(poweroff(&run.report.outcome), 0, "{}", run.console);
+    assert_eq!(run.int("unknown_op"), Errno::ENOSYS.to_ret());
+    assert_eq!(run.int("version_bad_cmd"), Errno::EINVAL.to_ret());
+    assert_eq!(run.int("sched_bad_cmd"), Errno::EINVAL.to_ret());
+    assert_eq!(run.int("shutdown_bad_reason"), Errno::EINVAL.to_ret());
+    assert_eq!(run.int("shutdown_bad_code"), Errno::EINVAL.to_ret());
+    assert_eq!(run.int("yield"), 0);
+    assert_eq!(run.int("version"), 0x1_0000);
+    assert_eq!(run.int("features") as u64, FEATURES.bits());
+    let s = &run.report.stats;
+    assert_eq!(s.unknown_ops().count, 1);
+    assert!(s.op(Op::SchedOp).errors >= 3);
+}
+
+#[test]
+fn console_buffer_outside_guest_memory_is_efault() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("console-efault", "");
+    assert_eq!(poweroff(&run.report.outcome), 0, "{}", run.console);
+    assert_eq!(run.int("efault_past_end"), Errno::EFAULT.to_ret());
+    assert_eq!(run.int("efault_overflow"), Errno::EFAULT.to_ret());
+    assert_eq!(run.int("efault_cross"), Errno::EFAULT.to_ret());
+    assert_eq!(run.int("too_long"), Errno::E2BIG.to_ret());
+    assert_eq!(run.int("zero_len"), 0);
+}
+
+#[test]
+fn hypercall_from_cpl3_is_refused_unless_allowed() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("cpl3", "");
+    assert_eq!(run.int("cpl3_version"), Errno::EPERM.to_ret(), "{}", run.console);
+    assert_eq!(poweroff(&run.report.outcome), 0);
+    let allowed = scenario_with(
+        "cpl3",
+        "",
+        DomainConfig {
+            allow_user_hypercalls: true,
+            ..DomainConfig::default()
+        },
+    );
+    assert_eq!(allowed.int("cpl3_version"), 0x1_0000, "{}", allowed.console);
+}
+
+#[test]
+fn triple_fault_crashes_the_domain_with_a_report() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("triple-fault", "");
+    assert_eq!(crash_reason(&run.report.outcome), &CrashReason::TripleFault);
+    let c = run.report.outcome.crash().unwrap();
+    assert!(c.regs.is_some() && c.sregs.is_some());
+    assert!(c.to_string().contains("rip"), "{c}");
+    assert_eq!(run.report.stats.exits_of(ExitKind::Shutdown), 1);
+}
+
+#[test]
+fn unknown_port_crashes_the_domain() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("bad-port", "");
+    assert_eq!(
+        crash_reason(&run.report.outcome),
+        &CrashReason::UnknownPort { port: 0x80, size: 1, dir: "out" }
+    );
+    let run = scenario("bad-port-in", "");
+    assert!(matches!(
+        crash_reason(&run.report.outcome),
+        CrashReason::UnknownPort { port: 0xE8, dir: "in", .. }
+    ));
+}
+
+#[test]
+fn write_to_the_page_table_pool_is_an_mmio_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("mmio-write", "");
+    match crash_reason(&run.report.outcome) {
+        CrashReason::UnknownMmio { gpa, dir: "write", .. } => {
+            let pool = hv_core::memory::pool_gpa_for(DomainConfig::default().mem_bytes);
+            assert!(*gpa >= pool, "write at {gpa:#x}, pool at {pool:#x}");
+        }
+        other => panic!("expected an MMIO write crash, got {other}"),
+    }
+}
+
+#[test]
+fn secondary_vcpu_starts_with_vcpu_op() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario_with(
+        "vcpus",
+        "",
+        DomainConfig {
+            vcpus: 2,
+            ..DomainConfig::default()
+        },
+    );
+    assert_eq!(poweroff(&run.report.outcome), 0, "{}", run.console);
+    assert!(run.console.contains("vcpu1 arg=42"), "{}", run.console);
+    assert!(run.console.contains("vcpus ok"), "{}", run.console);
+    assert_eq!(run.int("vcpu_up_again"), Errno::EEXIST.to_ret());
+    assert_eq!(run.int("vcpu_bad"), Errno::EINVAL.to_ret());
+}
+
+#[test]
+fn bad_domain_parameters_are_user_errors() {
+    if !kvm_available() {
+        return;
+    }
+    let cases = [
+        DomainConfig { vcpus: 0, ..DomainConfig::default() },
+        DomainConfig { vcpus: 33, ..DomainConfig::default() },
+        DomainConfig { mem_bytes: 1 << 20, ..DomainConfig::default() },
+        DomainConfig { mem_bytes: (64 << 20) + 1, ..DomainConfig::default() },
+        DomainConfig { cmdline: "x".repeat(1024), ..DomainConfig::default() },
+        DomainConfig { cmdline: "a\0b".into(), ..DomainConfig::default() },
+    ];
+    for cfg in cases {
+        let what = format!("{cfg:?}");
+        let err = run_elf(tests::TEST_GUEST, cfg).expect_err(&what);
+        assert!(err.is_user_error(), "{what}: {err}");
+    }
+    // A kernel that does not fit in RAM is refused before it runs.
+    let small = DomainConfig { mem_bytes: 2 << 20, ..DomainConfig::default() };
+    let img = hv_core::KernelImage::from_elf(tests::TEST_GUEST).unwrap();
+    if img.end() > 2 << 20 {
+        let err = run_elf(tests::TEST_GUEST, small).unwrap_err();
+        assert!(matches!(err, DomainError::Load(LoadError::SegmentBeyondMemory { .. })), "{err}");
+    }
+}
+
+#[test]
+fn start_info_and_boot_layout() {
+    if !kvm_available() {
+        return;
+    }
+    // The demo prints what it found in start_info; the host computed the same values.
+    let run = run_elf(
+        tests::demo_kernel(),
+        DomainConfig { mem_bytes: 32 << 20, cmdline: "hello=world".into(), ..DomainConfig::default() },
+    )
+    .unwrap();
+    assert!(run.console.contains("32 MiB"), "{}", run.console);
+    assert!(run.console.contains("hello=world"), "{}", run.console);
+    let pool = hv_core::memory::pool_gpa_for(32 << 20);
+    assert!(run.console.contains(&format!("{pool:#x}")), "pool address shown:\n{}", run.console);
+    assert!(run.console.contains(&format!("{:#x}", layout::SHARED_INFO_GPA)));
+}
