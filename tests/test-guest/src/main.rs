@@ -1,1 +1,419 @@
+//! Guest kernel for hv's integration tests.
+//!
+//! The command line selects one scenario, `scenario=NAME`; each prints `key=value`
+//! lines (values in decimal unless noted `0x`) that the host tests assert on, then
+//! powers off with code 0 unless stated otherwise:
+//!
+//! | scenario | output / effect |
+//! | --- | --- |
+//! | `hello` | `test-guest: hello` |
+//! | `exit` | powers off with `code=N` (N > 99 is refused by hv: crash) |
+//! | `panic` | panics with `boom`: `panic: boom at <file>:<line>`, crash |
+//! | `triple-fault` | IDT limit 0, `ud2`: triple fault |
+//! | `bad-port` | `out 0x80, al`: hv crashes the domain |
+//! | `bad-port-in` | `in al, 0xE8`: hv crashes the domain |
+//! | `mmio-write` | clears CR0.WP, writes the read-only page-table pool: hv crashes the domain |
+//! | `console-efault` | `efault_past_end=`, `efault_overflow=`, `efault_cross=`, `too_long=`, `zero_len=` |
+//! | `cpl3` | `cpl3_version=` (the version hypercall made from ring 3); `cpl3_version=gp` (after `fault=13`, crash) if the CPU faulted the ring-3 `out` |
+//! | `hypercalls` | `unknown_op=`, `version_bad_cmd=`, `sched_bad_cmd=`, `shutdown_bad_reason=`, `shutdown_bad_code=`, `yield=`, `version=0x..`, `features=0x..` |
+//! | `cpuid` | `cpuid_sig=`, `cpuid_max_leaf=0x..`, `cpuid_version=0x..`, `cpuid_features=0x..`, `cpuid_port=0x..` |
+//! | `vcpus` | `vcpu1 arg=42` (from vCPU 1), `vcpu1_is_up=`, `vcpu_up_again=`, `vcpu_bad=`, `vcpus ok` |
+//! | `cmdline` | `cmdline=<the whole command line>` |
+//! | anything else | `unknown scenario`, exit code 3 |
+//!
+//! A scenario meant to end the domain from the host side that comes back prints
+//! `<scenario>: survived` and exits with code 1.
 #![no_std]
+#![no_main]
+
+use core::cell::UnsafeCell;
+use core::hint::spin_loop;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use guest_sdk::arch::{self, DescriptorTablePointer, IdtEntry};
+use guest_sdk::console::Console;
+use guest_sdk::hv_abi::hypercall::{
+    VcpuContext, CONSOLEIO_WRITE, CONSOLE_WRITE_MAX, HYPERCALL_PORT, VCPUOP_IS_UP, VCPUOP_UP,
+    VERSION_FEATURES, VERSION_GET,
+};
+use guest_sdk::hv_abi::sched::{
+    SCHEDOP_SHUTDOWN, SCHEDOP_YIELD, SHUTDOWN_CRASH, SHUTDOWN_POWEROFF,
+};
+use guest_sdk::hv_abi::start_info::StartInfo;
+use guest_sdk::hv_abi::{Op, PAGE_SIZE};
+use guest_sdk::hypercall::{hypercall0, hypercall1, hypercall3};
+use guest_sdk::{cmdline, cpuid, poweroff, println, shutdown, Features};
+
+guest_sdk::entry!(main, Features::CONSOLE_IO | Features::SCHED);
+guest_sdk::panic_handler!();
+
+fn main(si: &'static StartInfo) -> ! {
+    let cmd = si.cmdline_bytes();
+    match cmdline::value(cmd, b"scenario").unwrap_or(b"") {
+        b"hello" => {
+            println!("test-guest: hello");
+            poweroff(0)
+        }
+        b"exit" => exit(cmd),
+        b"panic" => panic!("boom"),
+        b"triple-fault" => triple_fault(),
+        b"bad-port" => bad_port(),
+        b"bad-port-in" => bad_port_in(),
+        b"mmio-write" => mmio_write(si),
+        b"console-efault" => console_efault(si),
+        b"cpl3" => cpl3(),
+        b"hypercalls" => hypercalls(),
+        b"cpuid" => cpuid_leaves(),
+        b"vcpus" => vcpus(si),
+        b"cmdline" => {
+            let mut c = Console::new();
+            c.write_bytes(b"cmdline=");
+            c.write_bytes(cmd);
+            c.write_bytes(b"\n");
+            drop(c);
+            poweroff(0)
+        }
+        _ => {
+            println!("unknown scenario");
+            poweroff(3)
+        }
+    }
+}
+
+/// For scenarios the host should have ended: report and fail.
+fn survived(name: &str) -> ! {
+    println!("{name}: survived");
+    poweroff(1)
+}
+
+/// `scenario=exit code=N`: power off with code N, passed to hv as is.
+fn exit(cmd: &[u8]) -> ! {
+    match cmdline::value(cmd, b"code").and_then(cmdline::parse_u64) {
+        Some(code) => shutdown(SHUTDOWN_POWEROFF, code),
+        None => {
+            println!("exit: missing or bad code=");
+            shutdown(SHUTDOWN_CRASH, 0)
+        }
+    }
+}
+
+fn triple_fault() -> ! {
+    println!("triple-fault: ud2 with an empty IDT");
+    let empty = DescriptorTablePointer { limit: 0, base: 0 };
+    // SAFETY: deliberately makes every exception undeliverable, then raises one: the
+    // CPU escalates #UD -> #GP -> #DF -> triple fault, which ends the domain.
+    unsafe {
+        arch::load_idt(&empty);
+        core::arch::asm!("ud2", options(nomem, nostack));
+    }
+    survived("triple-fault")
+}
+
+fn bad_port() -> ! {
+    // SAFETY: port 0x80 is not an hv port: the hypervisor ends the domain.
+    unsafe { arch::outb(0x80, 0) };
+    survived("bad-port")
+}
+
+fn bad_port_in() -> ! {
+    // SAFETY: an IN from the hypercall port is not a hypercall: the hypervisor ends the
+    // domain.
+    unsafe { arch::inb(HYPERCALL_PORT) };
+    survived("bad-port-in")
+}
+
+fn mmio_write(si: &StartInfo) -> ! {
+    // SAFETY: with CR0.WP clear, ring 0 ignores the read-only mapping of the page-table
+    // pool; the pool is a read-only memslot, so the write exits to the hypervisor,
+    // which ends the domain. Nothing in this kernel reads the pool.
+    unsafe {
+        arch::write_cr0(arch::read_cr0() & !arch::CR0_WP);
+        core::ptr::write_volatile(si.pt_pool_gpa as *mut u64, 0xdead_beef);
+    }
+    survived("mmio-write")
+}
+
+/// A zeroed, readable buffer of more than `CONSOLE_WRITE_MAX` bytes (in `.bss`).
+struct Zeroes(UnsafeCell<[u8; CONSOLE_WRITE_MAX as usize + 8]>);
+// SAFETY: nothing ever writes the buffer; only its address is used.
+unsafe impl Sync for Zeroes {}
+static ZEROES: Zeroes = Zeroes(UnsafeCell::new([0; CONSOLE_WRITE_MAX as usize + 8]));
+
+/// `console_io(CONSOLEIO_WRITE, len, gpa)` through the raw primitive.
+fn raw_console_write(len: u64, gpa: u64) -> i64 {
+    // SAFETY: the hypervisor only reads guest memory for CONSOLEIO_WRITE (and must
+    // refuse bad ranges, which is what is being tested).
+    unsafe { hypercall3(Op::ConsoleIo, CONSOLEIO_WRITE, len, gpa) }
+}
+
+fn console_efault(si: &StartInfo) -> ! {
+    let ram_end = si.nr_pages.wrapping_mul(PAGE_SIZE);
+    let valid = guest_sdk::virt_to_phys(ZEROES.0.get());
+    let past_end = raw_console_write(16, ram_end);
+    let overflow = raw_console_write(16, u64::MAX - 7);
+    let cross = raw_console_write(16, ram_end.wrapping_sub(8));
+    let too_long = raw_console_write(CONSOLE_WRITE_MAX + 1, valid);
+    let zero_len = raw_console_write(0, valid);
+    println!("efault_past_end={past_end}");
+    println!("efault_overflow={overflow}");
+    println!("efault_cross={cross}");
+    println!("too_long={too_long}");
+    println!("zero_len={zero_len}");
+    poweroff(0)
+}
+
+fn hypercalls() -> ! {
+    // SAFETY (all calls below): none of these takes a pointer; the invalid ones must be
+    // refused without effect, the shutdowns included (bad reason, bad code).
+    let unknown_op = unsafe { hypercall0(99u64) };
+    let version_bad_cmd = unsafe { hypercall1(Op::Version, 77) };
+    let sched_bad_cmd = unsafe { hypercall1(Op::SchedOp, 77) };
+    let bad_reason = unsafe { hypercall3(Op::SchedOp, SCHEDOP_SHUTDOWN, 7, 0) };
+    let bad_code = unsafe { hypercall3(Op::SchedOp, SCHEDOP_SHUTDOWN, SHUTDOWN_POWEROFF, 1000) };
+    let yield_rc = unsafe { hypercall1(Op::SchedOp, SCHEDOP_YIELD) };
+    let version = unsafe { hypercall1(Op::Version, VERSION_GET) };
+    let features = unsafe { hypercall1(Op::Version, VERSION_FEATURES) };
+    println!("unknown_op={unknown_op}");
+    println!("version_bad_cmd={version_bad_cmd}");
+    println!("sched_bad_cmd={sched_bad_cmd}");
+    println!("shutdown_bad_reason={bad_reason}");
+    println!("shutdown_bad_code={bad_code}");
+    println!("yield={yield_rc}");
+    println!("version={version:#x}");
+    println!("features={features:#x}");
+    poweroff(0)
+}
+
+fn cpuid_leaves() -> ! {
+    let (sig, max_leaf) = cpuid::signature();
+    let v = cpuid::cpuid(guest_sdk::hv_abi::cpuid::LEAF_VERSION);
+    let features = v.ebx as u64 | (v.ecx as u64) << 32;
+    let mut c = Console::new();
+    c.write_bytes(b"cpuid_sig=");
+    c.write_bytes(&sig);
+    c.write_bytes(b"\n");
+    drop(c);
+    println!("cpuid_max_leaf={max_leaf:#x}");
+    println!("cpuid_version={:#x}", v.eax);
+    println!("cpuid_features={features:#x}");
+    println!("cpuid_port={:#x}", v.edx);
+    poweroff(0)
+}
+
+// ---------------------------------------------------------------------------------
+// cpl3: a hypercall from ring 3, reported through `int 0x80`.
+
+/// Vector of the "system call" gate ring 3 reports through.
+const SYSCALL_VECTOR: usize = 0x80;
+
+/// The IDT (only written by `cpl3` on vCPU 0 before it is loaded).
+#[repr(C, align(16))]
+struct Idt(UnsafeCell<[IdtEntry; 256]>);
+// SAFETY: written once by vCPU 0 before `lidt`, read only by the CPU afterwards.
+unsafe impl Sync for Idt {}
+static IDT: Idt = Idt(UnsafeCell::new([IdtEntry::MISSING; 256]));
+
+/// A 16-byte-aligned stack.
+#[repr(C, align(16))]
+struct Stack<const N: usize>(UnsafeCell<[u8; N]>);
+// SAFETY: each stack is handed to exactly one execution context (ring 3 or vCPU 1).
+unsafe impl<const N: usize> Sync for Stack<N> {}
+impl<const N: usize> Stack<N> {
+    const fn new() -> Self {
+        Stack(UnsafeCell::new([0; N]))
+    }
+    /// One past the highest byte (16-byte aligned).
+    fn top(&self) -> u64 {
+        guest_sdk::virt_to_phys(self.0.get()) + N as u64
+    }
+}
+
+static USER_STACK: Stack<4096> = Stack::new();
+
+extern "C" {
+    /// Ring-3 code: the version hypercall, result in RDI, `int 0x80`.
+    fn tg_user_entry();
+    /// The ring-3 hypercall instruction inside `tg_user_entry`.
+    fn tg_user_out();
+    /// `int 0x80` gate: calls `syscall_handler(rdi)`.
+    fn tg_syscall_stub();
+    /// #UD gate: calls `fault_handler(6, rip, 0, cr2, cs, rflags)`.
+    fn tg_ud_stub();
+    /// #GP gate: calls `fault_handler(13, rip, error, cr2, cs, rflags)`.
+    fn tg_gp_stub();
+    /// #PF gate: calls `fault_handler(14, rip, error, cr2, cs, rflags)`.
+    fn tg_pf_stub();
+}
+
+core::arch::global_asm!(
+    ".pushsection .text.tg_stubs, \"ax\"",
+    // Ring 3: runs with IOPL 3, so `out` reaches the hypervisor, which decides.
+    ".global tg_user_entry",
+    "tg_user_entry:",
+    "    mov eax, {op_version}",
+    "    xor edi, edi",
+    ".global tg_user_out",
+    "tg_user_out:",
+    "    out {port}, al",
+    "    mov rdi, rax",
+    "    int {vector}",
+    "2:  pause",
+    "    jmp 2b",
+    // Ring 0 gates. The handlers never return, so the frame is simply abandoned.
+    ".global tg_syscall_stub",
+    "tg_syscall_stub:",
+    "    and rsp, -16",
+    "    call {syscall}",
+    "    ud2",
+    ".global tg_ud_stub",
+    "tg_ud_stub:",
+    "    push 0",
+    "    mov edi, 6",
+    "    jmp 3f",
+    ".global tg_gp_stub",
+    "tg_gp_stub:",
+    "    mov edi, 13",
+    "    jmp 3f",
+    ".global tg_pf_stub",
+    "tg_pf_stub:",
+    "    mov edi, 14",
+    // Frame: error code, RIP, CS, RFLAGS, RSP, SS.
+    "3:  mov rdx, [rsp]",
+    "    mov rsi, [rsp + 8]",
+    "    mov rcx, cr2",
+    "    mov r8, [rsp + 16]",
+    "    mov r9, [rsp + 24]",
+    "    and rsp, -16",
+    "    call {fault}",
+    "    ud2",
+    ".popsection",
+    op_version = const Op::Version as u64,
+    port = const HYPERCALL_PORT,
+    vector = const SYSCALL_VECTOR,
+    syscall = sym syscall_handler,
+    fault = sym fault_handler,
+);
+
+/// `int 0x80` from ring 3: RDI holds the result of the ring-3 version hypercall.
+extern "C" fn syscall_handler(value: u64) -> ! {
+    println!("cpl3_version={}", value as i64);
+    poweroff(0)
+}
+
+/// An exception while testing ring 3: report it and crash.
+extern "C" fn fault_handler(
+    vector: u64,
+    rip: u64,
+    error: u64,
+    cr2: u64,
+    cs: u64,
+    rflags: u64,
+) -> ! {
+    println!("fault={vector}");
+    let user_out = tg_user_out as *const () as u64;
+    if vector == 13 && cs & 3 == 3 && rip == user_out {
+        // The CPU refused `out` at CPL 3 despite IOPL 3: the host's KVM does not
+        // virtualise IOPL (for example KVM PVM, which runs guest ring 0 deprivileged),
+        // so the hypercall never reached hv.
+        println!("cpl3_version=gp");
+    }
+    println!(
+        "fault_rip={rip:#x} fault_error={error:#x} fault_cr2={cr2:#x} fault_cs={cs:#x} \
+         fault_rflags={rflags:#x}"
+    );
+    guest_sdk::crash()
+}
+
+fn cpl3() -> ! {
+    let table = IDT.0.get();
+    // SAFETY: the IDT is not loaded yet and nothing else references it.
+    unsafe {
+        let t = &mut *table;
+        t[6] = IdtEntry::interrupt_gate(tg_ud_stub as *const () as u64, 0);
+        t[13] = IdtEntry::interrupt_gate(tg_gp_stub as *const () as u64, 0);
+        t[14] = IdtEntry::interrupt_gate(tg_pf_stub as *const () as u64, 0);
+        t[SYSCALL_VECTOR] = IdtEntry::interrupt_gate(tg_syscall_stub as *const () as u64, 3);
+    }
+    let idtr = DescriptorTablePointer {
+        limit: (core::mem::size_of::<[IdtEntry; 256]>() - 1) as u16,
+        base: guest_sdk::virt_to_phys(table),
+    };
+    // SAFETY: the table is static, its gates point at the stubs above, whose handlers
+    // never return. Ring 3 runs `tg_user_entry` (in identity-mapped, user-accessible
+    // RAM) on its own stack; the TSS's rsp0 (top of the boot stack) takes the
+    // `int 0x80`, overwriting this function's frame, which is never returned to.
+    unsafe {
+        arch::load_idt(&idtr);
+        arch::enter_user(
+            tg_user_entry as *const () as u64,
+            USER_STACK.top(),
+            arch::RFLAGS_RESERVED | arch::RFLAGS_IOPL3,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// vcpus: start vCPU 1 and hear from it.
+
+static VCPU1_STACK: Stack<16384> = Stack::new();
+/// Set by vCPU 1 to its start argument.
+static VCPU1_FLAG: AtomicU64 = AtomicU64::new(0);
+
+/// vCPU 1's entry point (RDI = the context's `arg`).
+extern "C" fn vcpu1_entry(arg: u64) -> ! {
+    println!("vcpu1 arg={arg}");
+    VCPU1_FLAG.store(arg, Ordering::Release);
+    loop {
+        spin_loop();
+    }
+}
+
+/// `vcpu_op(cmd, vcpu)` through the raw primitive.
+fn raw_vcpu_op(cmd: u64, vcpu: u64) -> i64 {
+    // SAFETY: UP of an uninitialised, missing or running vCPU must be refused; IS_UP
+    // has no effect.
+    unsafe { hypercall3(Op::VcpuOp, cmd, vcpu, 0) }
+}
+
+fn vcpus(si: &StartInfo) -> ! {
+    if si.nr_vcpus < 2 || !Features(si.features).contains(Features::VCPU_OP) {
+        println!(
+            "vcpus: skipped (nr_vcpus={}, features={:#x})",
+            si.nr_vcpus, si.features
+        );
+        poweroff(0)
+    }
+    const ARG: u64 = 42;
+    let ctx = VcpuContext {
+        rip: vcpu1_entry as *const () as u64,
+        rsp: VCPU1_STACK.top() - 8,
+        cr3: arch::read_cr3() & 0x000f_ffff_ffff_f000,
+        arg: ARG,
+        reserved: [0; 4],
+    };
+    if let Err(e) = guest_sdk::vcpu_initialise(1, &ctx) {
+        println!("vcpu_initialise failed: {e}");
+        guest_sdk::crash()
+    }
+    // SAFETY: the context starts `vcpu1_entry` (never returns, touches only the console
+    // and an atomic) on a stack reserved for vCPU 1, with the current page tables.
+    if let Err(e) = unsafe { guest_sdk::vcpu_up(1) } {
+        println!("vcpu_up failed: {e}");
+        guest_sdk::crash()
+    }
+    // Wait for vCPU 1, yielding the physical CPU to it; give up after a long while.
+    let mut tries: u32 = 0;
+    while VCPU1_FLAG.load(Ordering::Acquire) != ARG {
+        tries += 1;
+        if tries > 2_000_000 {
+            println!("vcpus: timeout waiting for vcpu 1");
+            guest_sdk::crash()
+        }
+        let _ = guest_sdk::sched_yield();
+    }
+    println!("vcpu1_is_up={}", raw_vcpu_op(VCPUOP_IS_UP, 1));
+    println!("vcpu_up_again={}", raw_vcpu_op(VCPUOP_UP, 1));
+    println!("vcpu_bad={}", raw_vcpu_op(VCPUOP_UP, 99));
+    println!("vcpus ok");
+    poweroff(0)
+}
