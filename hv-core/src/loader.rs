@@ -10,7 +10,7 @@ use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::Endianness;
 use thiserror::Error;
-use zerocopy::FromBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::memory::DomainMemory;
 
@@ -163,6 +163,17 @@ impl KernelImage {
         if bytes.len() > MAX_KERNEL_FILE {
             return Err(LoadError::TooLarge(bytes.len()));
         }
+        // The ELF structures are read in place and need 8-byte alignment; a file
+        // embedded with include_bytes! or sliced from a larger buffer may lack it.
+        let mut aligned: Vec<u64> = Vec::new();
+        let bytes = if bytes.as_ptr().align_offset(8) != 0 {
+            aligned.resize(bytes.len().div_ceil(8), 0);
+            let buf = &mut aligned.as_mut_bytes()[..bytes.len()];
+            buf.copy_from_slice(bytes);
+            &*buf
+        } else {
+            bytes
+        };
         if bytes.len() < 16 || &bytes[..4] != elf::ELFMAG {
             return Err(LoadError::NotElf("bad magic".into()));
         }

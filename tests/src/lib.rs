@@ -104,17 +104,20 @@ pub mod elf_edit {
     use object::elf::{FileHeader64, ProgramHeader64, PT_LOAD, PT_NOTE};
     use object::read::elf::{FileHeader, ProgramHeader};
     use object::{Endianness, LittleEndian as LE, U16, U32, U64};
-    use zerocopy::IntoBytes as _;
+    use zerocopy::IntoBytes;
 
     /// File offset of the program header table and the number of entries.
     pub fn phdr_table(elf: &[u8]) -> (usize, usize) {
-        let h = FileHeader64::<Endianness>::parse(elf).expect("valid ELF");
+        let elf = &aligned(elf);
+        let h = FileHeader64::<Endianness>::parse(elf.as_bytes()).expect("valid ELF");
         let e = h.endian().expect("endian");
         (h.e_phoff(e) as usize, h.e_phnum(e) as usize)
     }
 
     /// Indices of the program headers of a type.
     pub fn phdrs_of_type(elf: &[u8], ty: u32) -> Vec<usize> {
+        let owned = aligned(elf);
+        let elf = &owned.as_bytes()[..elf.len()];
         let h = FileHeader64::<Endianness>::parse(elf).expect("valid ELF");
         let e = h.endian().expect("endian");
         h.program_headers(e, elf)
@@ -124,6 +127,13 @@ pub mod elf_edit {
             .filter(|(_, p)| p.p_type(e) == ty)
             .map(|(i, _)| i)
             .collect()
+    }
+
+    /// A copy of `elf` with 8-byte alignment (the ELF parser reads structures in place).
+    fn aligned(elf: &[u8]) -> Vec<u64> {
+        let mut v = vec![0u64; elf.len().div_ceil(8)];
+        v.as_mut_bytes()[..elf.len()].copy_from_slice(elf);
+        v
     }
 
     /// Indices of PT_LOAD headers.
@@ -136,7 +146,8 @@ pub mod elf_edit {
         let (off, _) = phdr_table(elf);
         let size = core::mem::size_of::<ProgramHeader64<LE>>();
         let at = off + i * size;
-        *object::pod::from_bytes::<ProgramHeader64<LE>>(&elf[at..at + size])
+        let owned = aligned(&elf[at..at + size]);
+        *object::pod::from_bytes::<ProgramHeader64<LE>>(&owned.as_bytes()[..size])
             .expect("phdr")
             .0
     }

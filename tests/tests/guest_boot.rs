@@ -15,7 +15,9 @@ fn poweroff(o: &Outcome) -> u8 {
 }
 
 fn crash_reason(o: &Outcome) -> &CrashReason {
-    &o.crash().unwrap_or_else(|| panic!("expected a crash, got {o}")).reason
+    &o.crash()
+        .unwrap_or_else(|| panic!("expected a crash, got {o}"))
+        .reason
 }
 
 #[test]
@@ -24,16 +26,35 @@ fn demo_prints_its_banner_and_exits_zero() {
         return;
     }
     let run = run_elf(tests::demo_kernel(), DomainConfig::default()).expect("demo runs");
-    assert_eq!(poweroff(&run.report.outcome), 0, "console:\n{}", run.console);
+    assert_eq!(
+        poweroff(&run.report.outcome),
+        0,
+        "console:\n{}",
+        run.console
+    );
     let first = run.console.lines().next().unwrap_or_default();
     assert!(first.contains("hv demo kernel"), "banner: {first:?}");
-    assert!(run.console.contains("ABI v1.0"), "console:\n{}", run.console);
-    assert!(run.console.contains("64 MiB"), "start_info memory shown:\n{}", run.console);
+    assert!(
+        run.console.contains("ABI v1.0"),
+        "console:\n{}",
+        run.console
+    );
+    assert!(
+        run.console.contains("64 MiB"),
+        "start_info memory shown:\n{}",
+        run.console
+    );
     let stats = &run.report.stats;
     assert!(stats.op(Op::ConsoleIo).count >= 3);
-    assert!(stats.op(Op::Version).count >= 2, "SDK init negotiates version and features");
+    assert!(
+        stats.op(Op::Version).count >= 2,
+        "SDK init negotiates version and features"
+    );
     assert_eq!(stats.op(Op::SchedOp).count, 1);
-    assert_eq!(stats.exits_of(ExitKind::Hypercall), stats.ops.iter().map(|o| o.count).sum::<u64>());
+    assert_eq!(
+        stats.exits_of(ExitKind::Hypercall),
+        stats.ops.iter().map(|o| o.count).sum::<u64>()
+    );
 }
 
 #[test]
@@ -74,7 +95,12 @@ fn command_line_reaches_the_guest() {
         return;
     }
     let run = scenario("cmdline", "alpha beta=gamma");
-    assert_eq!(run.value("cmdline"), Some("scenario=cmdline alpha beta=gamma"), "{}", run.console);
+    assert_eq!(
+        run.value("cmdline"),
+        Some("scenario=cmdline alpha beta=gamma"),
+        "{}",
+        run.console
+    );
 }
 
 #[test]
@@ -93,10 +119,18 @@ fn cpuid_leaves_identify_hv() {
         return;
     }
     let run = scenario("cpuid", "");
-    assert_eq!(run.value("cpuid_sig"), Some("hvParavirtHV"), "{}", run.console);
+    assert_eq!(
+        run.value("cpuid_sig"),
+        Some("hvParavirtHV"),
+        "{}",
+        run.console
+    );
     assert_eq!(run.int("cpuid_version"), 0x1_0000);
     assert_eq!(run.int("cpuid_features") as u64, FEATURES.bits());
-    assert_eq!(run.int("cpuid_port"), i64::from(hv_abi::hypercall::HYPERCALL_PORT));
+    assert_eq!(
+        run.int("cpuid_port"),
+        i64::from(hv_abi::hypercall::HYPERCALL_PORT)
+    );
 }
 
 #[test]
@@ -139,7 +173,12 @@ fn hypercall_from_cpl3_is_refused_unless_allowed() {
         return;
     }
     let run = scenario("cpl3", "");
-    assert_eq!(run.int("cpl3_version"), Errno::EPERM.to_ret(), "{}", run.console);
+    assert_eq!(
+        run.int("cpl3_version"),
+        Errno::EPERM.to_ret(),
+        "{}",
+        run.console
+    );
     assert_eq!(poweroff(&run.report.outcome), 0);
     let allowed = scenario_with(
         "cpl3",
@@ -173,12 +212,20 @@ fn unknown_port_crashes_the_domain() {
     let run = scenario("bad-port", "");
     assert_eq!(
         crash_reason(&run.report.outcome),
-        &CrashReason::UnknownPort { port: 0x80, size: 1, dir: "out" }
+        &CrashReason::UnknownPort {
+            port: 0x80,
+            size: 1,
+            dir: "out"
+        }
     );
     let run = scenario("bad-port-in", "");
     assert!(matches!(
         crash_reason(&run.report.outcome),
-        CrashReason::UnknownPort { port: 0xE8, dir: "in", .. }
+        CrashReason::UnknownPort {
+            port: 0xE8,
+            dir: "in",
+            ..
+        }
     ));
 }
 
@@ -189,7 +236,9 @@ fn write_to_the_page_table_pool_is_an_mmio_exit() {
     }
     let run = scenario("mmio-write", "");
     match crash_reason(&run.report.outcome) {
-        CrashReason::UnknownMmio { gpa, dir: "write", .. } => {
+        CrashReason::UnknownMmio {
+            gpa, dir: "write", ..
+        } => {
             let pool = hv_core::memory::pool_gpa_for(DomainConfig::default().mem_bytes);
             assert!(*gpa >= pool, "write at {gpa:#x}, pool at {pool:#x}");
         }
@@ -223,12 +272,30 @@ fn bad_domain_parameters_are_user_errors() {
         return;
     }
     let cases = [
-        DomainConfig { vcpus: 0, ..DomainConfig::default() },
-        DomainConfig { vcpus: 33, ..DomainConfig::default() },
-        DomainConfig { mem_bytes: 1 << 20, ..DomainConfig::default() },
-        DomainConfig { mem_bytes: (64 << 20) + 1, ..DomainConfig::default() },
-        DomainConfig { cmdline: "x".repeat(1024), ..DomainConfig::default() },
-        DomainConfig { cmdline: "a\0b".into(), ..DomainConfig::default() },
+        DomainConfig {
+            vcpus: 0,
+            ..DomainConfig::default()
+        },
+        DomainConfig {
+            vcpus: 33,
+            ..DomainConfig::default()
+        },
+        DomainConfig {
+            mem_bytes: 1 << 20,
+            ..DomainConfig::default()
+        },
+        DomainConfig {
+            mem_bytes: (64 << 20) + 1,
+            ..DomainConfig::default()
+        },
+        DomainConfig {
+            cmdline: "x".repeat(1024),
+            ..DomainConfig::default()
+        },
+        DomainConfig {
+            cmdline: "a\0b".into(),
+            ..DomainConfig::default()
+        },
     ];
     for cfg in cases {
         let what = format!("{cfg:?}");
@@ -236,11 +303,20 @@ fn bad_domain_parameters_are_user_errors() {
         assert!(err.is_user_error(), "{what}: {err}");
     }
     // A kernel that does not fit in RAM is refused before it runs.
-    let small = DomainConfig { mem_bytes: 2 << 20, ..DomainConfig::default() };
+    let small = DomainConfig {
+        mem_bytes: 2 << 20,
+        ..DomainConfig::default()
+    };
     let img = hv_core::KernelImage::from_elf(tests::TEST_GUEST).unwrap();
     if img.end() > 2 << 20 {
         let err = run_elf(tests::TEST_GUEST, small).unwrap_err();
-        assert!(matches!(err, DomainError::Load(LoadError::SegmentBeyondMemory { .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                DomainError::Load(LoadError::SegmentBeyondMemory { .. })
+            ),
+            "{err}"
+        );
     }
 }
 
@@ -252,12 +328,22 @@ fn start_info_and_boot_layout() {
     // The demo prints what it found in start_info; the host computed the same values.
     let run = run_elf(
         tests::demo_kernel(),
-        DomainConfig { mem_bytes: 32 << 20, cmdline: "hello=world".into(), ..DomainConfig::default() },
+        DomainConfig {
+            mem_bytes: 32 << 20,
+            cmdline: "hello=world".into(),
+            ..DomainConfig::default()
+        },
     )
     .unwrap();
     assert!(run.console.contains("32 MiB"), "{}", run.console);
     assert!(run.console.contains("hello=world"), "{}", run.console);
     let pool = hv_core::memory::pool_gpa_for(32 << 20);
-    assert!(run.console.contains(&format!("{pool:#x}")), "pool address shown:\n{}", run.console);
-    assert!(run.console.contains(&format!("{:#x}", layout::SHARED_INFO_GPA)));
+    assert!(
+        run.console.contains(&format!("{pool:#x}")),
+        "pool address shown:\n{}",
+        run.console
+    );
+    assert!(run
+        .console
+        .contains(&format!("{:#x}", layout::SHARED_INFO_GPA)));
 }

@@ -1,0 +1,23 @@
+# The two commands of the README do all set-up on a fresh machine:
+#   make demo   - run the embedded demo kernel
+#   make test   - run the whole test suite on real KVM
+.PHONY: setup demo test bench lint
+
+GUEST_TARGET := x86_64-unknown-none
+
+setup:
+	@rustup target list --installed | grep -qx $(GUEST_TARGET) || rustup target add $(GUEST_TARGET)
+
+demo: setup
+	cargo run --release -p hv-core --bin hv -- run
+
+test: setup
+	cargo test --release
+
+bench: setup
+	cargo run --release -p hv-core --bin hv -- bench
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --release --all-targets -- -D warnings
+	cargo clippy --release -p guest-kernel-demo -p test-guest --target $(GUEST_TARGET) -- -D warnings
