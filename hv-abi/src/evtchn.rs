@@ -29,7 +29,9 @@ pub const EVTCHNOP_UNMASK: u64 = 9;
 pub const VIRQ_TIMER: u32 = 0;
 
 /// `EVTCHNOP_ALLOC_UNBOUND` argument.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct EvtchnAllocUnbound {
     /// Domain allowed to bind the port.
@@ -39,7 +41,9 @@ pub struct EvtchnAllocUnbound {
 }
 
 /// `EVTCHNOP_BIND_INTERDOMAIN` argument.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct EvtchnBindInterdomain {
     /// The remote domain.
@@ -53,7 +57,9 @@ pub struct EvtchnBindInterdomain {
 }
 
 /// `EVTCHNOP_BIND_VIRQ` and `EVTCHNOP_BIND_IPI` argument.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct EvtchnBindVcpu {
     /// The virtual IRQ (`BIND_VIRQ`); reserved, zero for `BIND_IPI`.
@@ -67,7 +73,9 @@ pub struct EvtchnBindVcpu {
 }
 
 /// `EVTCHNOP_STATUS` argument and result.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct EvtchnStatus {
     /// Input: the port.

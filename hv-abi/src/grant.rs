@@ -6,7 +6,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// A grant-table entry (Xen's `grant_entry_v1`), 8 bytes.
 ///
 /// Publish: write `domid` and `frame`, a write barrier, then `flags`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct GrantEntryV1 {
     /// `GTF_*` flags.

@@ -10,7 +10,9 @@ pub const MMU_PT_UPDATE_PRESERVE_AD: u64 = 2;
 
 /// One `mmu_update(reqs, count, done)` request: write `val` to the page-table entry at
 /// guest-physical address `ptr & !7`, with the command in `ptr & 3`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct MmuUpdate {
     /// Guest-physical address of the entry, with the command in bits 0-1.
@@ -37,7 +39,9 @@ pub const MMUEXT_TLB_FLUSH_LOCAL: u32 = 6;
 pub const MMUEXT_INVLPG_LOCAL: u32 = 7;
 
 /// One `mmuext_op(ops, count, done)` operation (24 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct MmuextOp {
     /// `MMUEXT_*` command.
@@ -59,7 +63,9 @@ pub const UVMF_INVLPG: u64 = 2;
 
 /// One `multicall(entries, count)` entry (64 bytes): `op` with `args`, and the
 /// sub-call's own result written back to `result`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct MulticallEntry {
     /// Operation number ([`crate::Op`]).

@@ -17,7 +17,9 @@ pub const NR_EVENT_CHANNELS: usize = 4096;
 /// `system_time` (ns) = stored `system_time` + ((`rdtsc` - `tsc_timestamp`) scaled by
 /// `tsc_to_system_mul` / 2^32 after shifting by `tsc_shift`). `version` is odd while
 /// the hypervisor updates the record: read it before and after, retry on mismatch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct VcpuTimeInfo {
     /// Update counter; odd while an update is in progress.
@@ -39,7 +41,9 @@ pub struct VcpuTimeInfo {
 }
 
 /// Per-vCPU information (Xen's `vcpu_info`), 64 bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct VcpuInfo {
     /// Set by the hypervisor when an event is pending for this vCPU.

@@ -108,12 +108,13 @@ impl DomainError {
     /// True when the error comes from what the user asked for (a bad kernel or bad
     /// parameters) rather than from the host.
     pub fn is_user_error(&self) -> bool {
-        match self {
-            DomainError::Load(_) | DomainError::BadVcpus(_) => true,
-            DomainError::Boot(BootError::CmdlineTooLong(_) | BootError::CmdlineNul) => true,
-            DomainError::Memory(MemoryError::BadSize(_)) => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            DomainError::Load(_)
+                | DomainError::BadVcpus(_)
+                | DomainError::Boot(BootError::CmdlineTooLong(_) | BootError::CmdlineNul)
+                | DomainError::Memory(MemoryError::BadSize(_))
+        )
     }
 }
 

@@ -174,7 +174,7 @@ impl KernelImage {
         } else {
             bytes
         };
-        if bytes.len() < 16 || &bytes[..4] != elf::ELFMAG {
+        if bytes.len() < 16 || bytes[..4] != elf::ELFMAG {
             return Err(LoadError::NotElf("bad magic".into()));
         }
         if bytes[4] != elf::ELFCLASS64 {
