@@ -19,7 +19,8 @@
 
 /// Guest-physical address of the boot GDT.
 pub const GDT_GPA: u64 = 0x1000;
-/// Guest-physical address of the boot TSS (64-bit, 104 bytes).
+/// Guest-physical address of the boot TSS: the 104-byte 64-bit TSS followed by an I/O
+/// permission bitmap that allows only the hypercall port (135 bytes in all).
 pub const TSS_GPA: u64 = 0x1080;
 /// Guest-physical address of the start_info page ([`crate::start_info::StartInfo`]).
 pub const START_INFO_GPA: u64 = 0x2000;

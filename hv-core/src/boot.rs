@@ -20,8 +20,13 @@ pub const BOOT_CR0: u64 = 0x8001_0033;
 pub const BOOT_CR4: u64 = 0x6A0;
 /// EFER at entry: SCE | LME | LMA | NXE.
 pub const BOOT_EFER: u64 = 0xD01;
-/// Size of the boot TSS in bytes.
-pub const TSS_SIZE: u64 = 104;
+/// Size of the 64-bit TSS proper; the I/O permission bitmap follows it.
+pub const TSS_BASE_SIZE: u64 = 104;
+/// Bytes of I/O permission bitmap: ports 0 to the hypercall port's byte, plus the
+/// terminating 0xFF byte the architecture requires.
+pub const TSS_IOMAP_BYTES: u64 = (hv_abi::hypercall::HYPERCALL_PORT as u64 / 8) + 2;
+/// Size of the boot TSS in bytes, bitmap included.
+pub const TSS_SIZE: u64 = TSS_BASE_SIZE + TSS_IOMAP_BYTES;
 
 const ENTRIES: usize = 512;
 
@@ -204,7 +209,15 @@ pub fn write_gdt_tss(mem: &DomainMemory) -> Result<(), BootError> {
     mem.write_ram(layout::GDT_GPA, &gdt)?;
     let mut tss = [0u8; TSS_SIZE as usize];
     tss[4..12].copy_from_slice(&layout::BOOT_STACK_TOP.to_le_bytes()); // rsp0
-    tss[102..104].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes()); // no I/O bitmap
+    tss[102..104].copy_from_slice(&(TSS_BASE_SIZE as u16).to_le_bytes()); // I/O map base
+                                                                          // I/O permission bitmap: every port denied (bit set) except the hypercall port,
+                                                                          // so a hypercall from CPL 3 reaches hv (which refuses it unless the domain allows
+                                                                          // user hypercalls) instead of faulting in the guest. Ports past the bitmap are
+                                                                          // denied by the CPU.
+    let port = hv_abi::hypercall::HYPERCALL_PORT as usize;
+    let iomap = &mut tss[TSS_BASE_SIZE as usize..];
+    iomap.fill(0xFF);
+    iomap[port / 8] &= !(1 << (port % 8));
     mem.write_ram(layout::TSS_GPA, &tss)?;
     Ok(())
 }
@@ -363,6 +376,25 @@ mod tests {
             assert_eq!(b.frames.len() as u64, boot, "ram {ram:#x} extra {extra}");
             assert_eq!(pool, boot + extra);
         }
+    }
+
+    #[test]
+    fn tss_io_bitmap_allows_only_the_hypercall_port() {
+        let mem = DomainMemory::new("t", 4 << 20, 8).unwrap();
+        write_gdt_tss(&mem).unwrap();
+        let mut tss = [0u8; TSS_SIZE as usize];
+        mem.read_ram(layout::TSS_GPA, &mut tss).unwrap();
+        let base = u16::from_le_bytes([tss[102], tss[103]]) as usize;
+        let map = &tss[base..];
+        for port in 0..(map.len() - 1) * 8 {
+            let denied = map[port / 8] & (1 << (port % 8)) != 0;
+            assert_eq!(
+                denied,
+                port != hv_abi::hypercall::HYPERCALL_PORT as usize,
+                "port {port:#x}"
+            );
+        }
+        assert_eq!(*map.last().unwrap(), 0xFF);
     }
 
     #[test]
