@@ -7,10 +7,12 @@
 /// [`AbiNote`](hv_abi::note::AbiNote) `{ major: ABI_MAJOR, minor: ABI_MINOR,
 /// reserved: 0, required_features }`.
 ///
-/// The argument is the set of required features, either as paths joined by `|`
-/// (`Features::CONSOLE_IO | Features::SCHED`) or as any constant expression of type
-/// [`Features`](hv_abi::Features) (`Features::NONE`, `Features(0x3)`). Use it once per
-/// kernel; [`entry!`](crate::entry) already does.
+/// The argument is the set of required features: constant expressions of type
+/// [`Features`](hv_abi::Features) joined by `|` (`Features::CONSOLE_IO |
+/// Features::SCHED`, `Features::NONE`, `Features(0x3)`,
+/// `Features::SCHED.union(MY_FEATURES)`). `Features`' `|` operator is not `const`, so
+/// the macro splits the argument at its top-level `|` and joins the parts' bits. Use it
+/// once per kernel; [`entry!`](crate::entry) already does.
 #[macro_export]
 macro_rules! abi_note {
     (@emit $bits:expr) => {
@@ -32,11 +34,28 @@ macro_rules! abi_note {
             features = const $bits,
         );
     };
-    ($($feature:path)|+) => {
-        $crate::abi_note!(@emit 0 $(| $crate::__features_bits($feature))+);
+    ($($features:tt)+) => {
+        $crate::abi_note!(@emit $crate::__features_const!($($features)+));
     };
-    ($features:expr) => {
-        $crate::abi_note!(@emit $crate::__features_bits($features));
+}
+
+/// Turns `A | B | ...` (constant [`Features`](hv_abi::Features) expressions joined by
+/// `|`) into the constant `u64` expression `bits(A) | bits(B) | ...`, splitting at the
+/// top-level `|` tokens (a `|` inside brackets stays with its part).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __features_const {
+    (@acc [$($out:tt)*] [$($cur:tt)+]) => {
+        $($out)* $crate::__features_bits($($cur)+)
+    };
+    (@acc [$($out:tt)*] [$($cur:tt)+] | $($rest:tt)+) => {
+        $crate::__features_const!(@acc [$($out)* $crate::__features_bits($($cur)+) |] [] $($rest)+)
+    };
+    (@acc [$($out:tt)*] [$($cur:tt)*] $next:tt $($rest:tt)*) => {
+        $crate::__features_const!(@acc [$($out)*] [$($cur)* $next] $($rest)*)
+    };
+    ($($features:tt)+) => {
+        $crate::__features_const!(@acc [] [] $($features)+)
     };
 }
 
@@ -51,7 +70,7 @@ pub const fn __features_bits(f: hv_abi::Features) -> u64 {
 /// `entry!(path::to::main, required_features)`:
 ///
 /// * emits the ABI note with [`abi_note!`](crate::abi_note)`(required_features)`
-///   (same syntax: paths joined by `|`, or a constant expression);
+///   (same syntax: constant `Features` expressions joined by `|`);
 /// * defines `#[no_mangle] extern "C" fn _start(start_info: u64) -> !`, the ELF entry
 ///   point, which runs [`boot::init`](crate::boot::init) (start_info magic, ABI major,
 ///   `version` and `features` hypercalls: same major, minor at least `ABI_MINOR`,
@@ -78,13 +97,9 @@ macro_rules! entry {
             unsafe { $crate::boot::start(start_info, REQUIRED, $crate::hv_abi::ABI_MINOR, main) }
         }
     };
-    ($main:path, $($feature:path)|+) => {
-        $crate::abi_note!($($feature)|+);
-        $crate::entry!(@start $main, $crate::hv_abi::Features(0 $(| $crate::__features_bits($feature))+));
-    };
-    ($main:path, $features:expr) => {
-        $crate::abi_note!($features);
-        $crate::entry!(@start $main, $features);
+    ($main:path, $($features:tt)+) => {
+        $crate::abi_note!($($features)+);
+        $crate::entry!(@start $main, $crate::hv_abi::Features($crate::__features_const!($($features)+)));
     };
 }
 
@@ -94,7 +109,12 @@ mod tests {
 
     #[test]
     fn feature_bits() {
-        let bits = super::__features_bits(Features::CONSOLE_IO.union(Features::SCHED));
-        assert_eq!(bits, 3);
+        const A: u64 = crate::__features_const!(Features::CONSOLE_IO | Features::SCHED);
+        const B: u64 = crate::__features_const!(Features::NONE);
+        const C: u64 =
+            crate::__features_const!(Features(1 | 4) | Features::SCHED.union(Features::PV_MMU));
+        assert_eq!(A, 3);
+        assert_eq!(B, 0);
+        assert_eq!(C, 0xf);
     }
 }
