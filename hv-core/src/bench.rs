@@ -96,29 +96,35 @@ pub fn run(names: &[String]) -> Result<Vec<BenchResult>, BenchError> {
     let floor_of =
         |out: &Vec<BenchResult>, n: &str| out.iter().find(|r| r.name == n).map(|r| r.value);
 
+    // Each benchmark runs interleaved with its floor, repetition by repetition, so that
+    // noise on a shared machine hits both alike; the medians are reported.
     if want("exit_floor") || want("null_hypercall") {
-        out.push(row("exit_floor", exit_floor(&kvm)?, "ns", None));
-    }
-    if want("null_hypercall") {
-        let v = null_hypercall(&kvm)?;
-        out.push(row(
-            "null_hypercall",
-            v,
-            "ns",
-            floor_of(&out, "exit_floor").map(|f| ("exit_floor", f)),
-        ));
+        let (mut floor, mut hv) = (Vec::new(), Vec::new());
+        for _ in 0..REPS {
+            floor.push(exit_floor_once(&kvm)?);
+            if want("null_hypercall") {
+                hv.push(null_hypercall_once(&kvm)?);
+            }
+        }
+        out.push(row("exit_floor", median(floor), "ns", None));
+        if want("null_hypercall") {
+            let f = floor_of(&out, "exit_floor").map(|f| ("exit_floor", f));
+            out.push(row("null_hypercall", median(hv), "ns", f));
+        }
     }
     if want("kvm_create_floor") || want("domain_boot") {
-        out.push(row("kvm_create_floor", kvm_create_floor(&kvm)?, "ms", None));
-    }
-    if want("domain_boot") {
-        let v = domain_boot(&kvm)?;
-        out.push(row(
-            "domain_boot",
-            v,
-            "ms",
-            floor_of(&out, "kvm_create_floor").map(|f| ("kvm_create_floor", f)),
-        ));
+        let (mut floor, mut hv) = (Vec::new(), Vec::new());
+        for _ in 0..BOOT_REPS {
+            floor.push(kvm_create_floor_once(&kvm)?);
+            if want("domain_boot") {
+                hv.push(domain_boot_once(&kvm)?);
+            }
+        }
+        out.push(row("kvm_create_floor", median(floor), "ms", None));
+        if want("domain_boot") {
+            let f = floor_of(&out, "kvm_create_floor").map(|f| ("kvm_create_floor", f));
+            out.push(row("domain_boot", median(hv), "ms", f));
+        }
     }
     Ok(out)
 }
@@ -222,16 +228,10 @@ const REPS: usize = 5;
 
 /// ns per iteration of the hypercall loop through hv's full path: the difference of a
 /// long and a short run, so domain creation cancels out.
-pub fn null_hypercall(kvm: &Kvm) -> Result<f64, BenchError> {
-    let short = hypercall_loop_code(LOOP_SHORT);
-    let long = hypercall_loop_code(LOOP_LONG);
-    let mut v = Vec::new();
-    for _ in 0..REPS {
-        let a = run_hv(kvm, &short)?;
-        let b = run_hv(kvm, &long)?;
-        v.push((b.as_secs_f64() - a.as_secs_f64()) * 1e9 / (LOOP_LONG - LOOP_SHORT) as f64);
-    }
-    Ok(median(v))
+pub fn null_hypercall_once(kvm: &Kvm) -> Result<f64, BenchError> {
+    let a = run_hv(kvm, &hypercall_loop_code(LOOP_SHORT))?;
+    let b = run_hv(kvm, &hypercall_loop_code(LOOP_LONG))?;
+    Ok((b.as_secs_f64() - a.as_secs_f64()) * 1e9 / (LOOP_LONG - LOOP_SHORT) as f64)
 }
 
 /// A bare KVM VM in hv's 64-bit boot state with `code` at the kernel address, and no
@@ -277,10 +277,9 @@ fn bare_long_mode_vm(
 }
 
 /// ns per iteration of the same guest loop on bare KVM: the host only re-enters.
-pub fn exit_floor(kvm: &Kvm) -> Result<f64, BenchError> {
+pub fn exit_floor_once(kvm: &Kvm) -> Result<f64, BenchError> {
     let n = LOOP_LONG;
-    let mut v = Vec::new();
-    for _ in 0..REPS {
+    {
         let (_vm, mut vcpu, _mem) = bare_long_mode_vm(kvm, &hypercall_loop_code(n))?;
         let mut exits = 0u64;
         let mut t0 = Instant::now();
@@ -296,17 +295,15 @@ pub fn exit_floor(kvm: &Kvm) -> Result<f64, BenchError> {
                 other => return Err(BenchError::Guest(format!("unexpected exit {other:?}"))),
             }
         }
-        v.push(t0.elapsed().as_secs_f64() * 1e9 / n as f64);
+        Ok(t0.elapsed().as_secs_f64() * 1e9 / n as f64)
     }
-    Ok(median(v))
 }
 
 const BOOT_REPS: usize = 21;
 
 /// ms to create a bare VM + vCPU with the same RAM and run to the first exit.
-pub fn kvm_create_floor(kvm: &Kvm) -> Result<f64, BenchError> {
-    let mut v = Vec::new();
-    for _ in 0..BOOT_REPS {
+pub fn kvm_create_floor_once(kvm: &Kvm) -> Result<f64, BenchError> {
+    {
         let t0 = Instant::now();
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         let size = BENCH_MEM as usize;
@@ -364,17 +361,11 @@ pub fn kvm_create_floor(kvm: &Kvm) -> Result<f64, BenchError> {
         // SAFETY: `host` was mapped above with this size and the VM using it is gone.
         unsafe { libc::munmap(host, size) };
         result?;
-        v.push(t.as_secs_f64() * 1e3);
+        Ok(t.as_secs_f64() * 1e3)
     }
-    Ok(median(v))
 }
 
 /// ms to create an hv domain, run it to its first hypercall and shut it down.
-pub fn domain_boot(kvm: &Kvm) -> Result<f64, BenchError> {
-    let code = boot_probe_code();
-    let mut v = Vec::new();
-    for _ in 0..BOOT_REPS {
-        v.push(run_hv(kvm, &code)?.as_secs_f64() * 1e3);
-    }
-    Ok(median(v))
+pub fn domain_boot_once(kvm: &Kvm) -> Result<f64, BenchError> {
+    Ok(run_hv(kvm, &boot_probe_code())?.as_secs_f64() * 1e3)
 }
