@@ -201,10 +201,7 @@ fn cpuid_leaves() -> ! {
 }
 
 // ---------------------------------------------------------------------------------
-// cpl3: a hypercall from ring 3, reported through `int 0x80`.
-
-/// Vector of the "system call" gate ring 3 reports through.
-const SYSCALL_VECTOR: usize = 0x81;
+// cpl3: a hypercall from ring 3, reported through an exception (`ud2`).
 
 /// The IDT (only written by `cpl3` on vCPU 0 before it is loaded).
 #[repr(C, align(16))]
@@ -231,14 +228,12 @@ impl<const N: usize> Stack<N> {
 static USER_STACK: Stack<4096> = Stack::new();
 
 extern "C" {
-    /// Ring-3 code: the version hypercall, result in RDI, `int 0x80`.
+    /// Ring-3 code: the version hypercall, result stored in `CPL3_RESULT`, `ud2`.
     fn tg_user_entry();
     /// The ring-3 hypercall instruction inside `tg_user_entry`.
     fn tg_user_out();
     /// The `ud2` through which ring 3 reports, after storing into `CPL3_RESULT`.
     fn tg_user_report();
-    /// `int 0x80` gate: calls `syscall_handler(rdi)`.
-    fn tg_syscall_stub();
     /// #UD gate: calls `fault_handler(6, rip, 0, cr2, cs, rflags)`.
     fn tg_ud_stub();
     /// #GP gate: calls `fault_handler(13, rip, error, cr2, cs, rflags)`.
@@ -265,12 +260,7 @@ core::arch::global_asm!(
     "    ud2",
     "2:  pause",
     "    jmp 2b",
-    // Ring 0 gates. The handlers never return, so the frame is simply abandoned.
-    ".global tg_syscall_stub",
-    "tg_syscall_stub:",
-    "    and rsp, -16",
-    "    call {syscall}",
-    "    ud2",
+    // Ring 0 gates. The handler never returns, so the frame is simply abandoned.
     ".global tg_ud_stub",
     "tg_ud_stub:",
     "    push 0",
@@ -295,22 +285,16 @@ core::arch::global_asm!(
     ".popsection",
     op_version = const Op::Version as u64,
     port = const HYPERCALL_PORT,
-    syscall = sym syscall_handler,
     result = sym CPL3_RESULT,
     fault = sym fault_handler,
 );
-
-/// `int 0x80` from ring 3: RDI holds the result of the ring-3 version hypercall.
-extern "C" fn syscall_handler(value: u64) -> ! {
-    println!("cpl3_version={}", value as i64);
-    poweroff(0)
-}
 
 /// The result of the ring-3 hypercall, stored by ring 3 (the boot mapping is
 /// user-accessible) before it reports through `ud2`.
 static CPL3_RESULT: AtomicU64 = AtomicU64::new(0);
 
-/// An exception while testing ring 3: report it and crash.
+/// An exception: the `ud2` by which ring 3 reports (print the result, power off), or
+/// an unexpected fault (report it and crash).
 extern "C" fn fault_handler(
     vector: u64,
     rip: u64,
@@ -320,16 +304,15 @@ extern "C" fn fault_handler(
     rflags: u64,
 ) -> ! {
     if vector == 6 && cs & 3 == 3 && rip == tg_user_report as *const () as u64 {
-        let value = CPL3_RESULT.load(core::sync::atomic::Ordering::SeqCst);
+        let value = CPL3_RESULT.load(Ordering::SeqCst);
         println!("cpl3_version={}", value as i64);
         poweroff(0)
     }
     println!("fault={vector}");
     let user_out = tg_user_out as *const () as u64;
     if vector == 13 && cs & 3 == 3 && rip == user_out {
-        // The CPU refused `out` at CPL 3 despite IOPL 3: the host's KVM does not
-        // virtualise IOPL (for example KVM PVM, which runs guest ring 0 deprivileged),
-        // so the hypercall never reached hv.
+        // The CPU refused `out` at CPL 3 although ring 3 runs with IOPL 3 and the boot
+        // TSS's I/O bitmap allows the hypercall port: the hypercall never reached hv.
         println!("cpl3_version=gp");
     }
     println!(
@@ -347,16 +330,15 @@ fn cpl3() -> ! {
         t[6] = IdtEntry::interrupt_gate(tg_ud_stub as *const () as u64, 0);
         t[13] = IdtEntry::interrupt_gate(tg_gp_stub as *const () as u64, 0);
         t[14] = IdtEntry::interrupt_gate(tg_pf_stub as *const () as u64, 0);
-        t[SYSCALL_VECTOR] = IdtEntry::interrupt_gate(tg_syscall_stub as *const () as u64, 3);
     }
     let idtr = DescriptorTablePointer {
         limit: (core::mem::size_of::<[IdtEntry; 256]>() - 1) as u16,
         base: guest_sdk::virt_to_phys(table),
     };
-    // SAFETY: the table is static, its gates point at the stubs above, whose handlers
-    // never return. Ring 3 runs `tg_user_entry` (in identity-mapped, user-accessible
+    // SAFETY: the table is static, its gates point at the stubs above, whose handler
+    // never returns. Ring 3 runs `tg_user_entry` (in identity-mapped, user-accessible
     // RAM) on its own stack; the TSS's rsp0 (top of the boot stack) takes the
-    // `int 0x80`, overwriting this function's frame, which is never returned to.
+    // exception, overwriting this function's frame, which is never returned to.
     unsafe {
         arch::load_idt(&idtr);
         arch::enter_user(
