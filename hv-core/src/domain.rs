@@ -380,12 +380,12 @@ impl Domain {
         for h in handles {
             match h.join() {
                 Ok(s) => stats.merge(&s),
-                Err(_) => self.shared.finish(Outcome::Crash(Box::new(CrashReport {
-                    vcpu: u32::MAX,
-                    reason: CrashReason::Kvm("a vCPU thread panicked".into()),
-                    regs: None,
-                    sregs: None,
-                }))),
+                Err(_) => self
+                    .shared
+                    .finish(Outcome::Crash(Box::new(CrashReport::without_regs(
+                        u32::MAX,
+                        CrashReason::Kvm("a vCPU thread panicked".into()),
+                    )))),
             }
         }
         let outcome = self

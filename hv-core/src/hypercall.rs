@@ -102,12 +102,10 @@ fn sched_op(dom: &DomainShared, vcpu: u32, cmd: u64, reason: u64, code: u64) -> 
                     Outcome::Poweroff { code: code as u8 }
                 }
                 SHUTDOWN_REBOOT => Outcome::Reboot,
-                SHUTDOWN_CRASH => Outcome::Crash(Box::new(CrashReport {
+                SHUTDOWN_CRASH => Outcome::Crash(Box::new(CrashReport::without_regs(
                     vcpu,
-                    reason: CrashReason::GuestCrash,
-                    regs: None,
-                    sregs: None,
-                })),
+                    CrashReason::GuestCrash,
+                ))),
                 _ => return ret(Err(Errno::EINVAL)),
             };
             tracing::debug!(vcpu, %outcome, "guest shutdown");

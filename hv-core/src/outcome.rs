@@ -77,6 +77,19 @@ pub struct CrashReport {
     pub sregs: Option<kvm_sregs>,
 }
 
+impl CrashReport {
+    /// A crash report without register state (a crash the guest reported itself, or
+    /// one not tied to a vCPU's registers).
+    pub fn without_regs(vcpu: u32, reason: CrashReason) -> Self {
+        CrashReport {
+            vcpu,
+            reason,
+            regs: None,
+            sregs: None,
+        }
+    }
+}
+
 impl fmt::Display for CrashReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "vCPU {}: {}", self.vcpu, self.reason)?;

@@ -60,26 +60,6 @@ pub fn kick(thread: libc::pthread_t) {
     }
 }
 
-/// An exit, copied out of kvm_run so the vCPU can be used while handling it.
-enum Exit {
-    Hypercall,
-    Port {
-        port: u16,
-        size: u32,
-        dir: &'static str,
-    },
-    Mmio {
-        gpa: u64,
-        size: u32,
-        dir: &'static str,
-    },
-    Shutdown,
-    InternalError,
-    FailEntry(u64),
-    Hlt,
-    Other(String),
-}
-
 /// One vCPU.
 pub struct Vcpu {
     id: u32,
@@ -170,12 +150,10 @@ impl Vcpu {
             tracing::debug!(vcpu = self.id, rip = ctx.rip, "vCPU up");
             match self.set_boot_state(ctx.rip, ctx.rsp, ctx.arg, ctx.cr3) {
                 Ok(()) => self.run(dom),
-                Err(e) => dom.finish(Outcome::Crash(Box::new(CrashReport {
-                    vcpu: self.id,
-                    reason: CrashReason::Kvm(e.to_string()),
-                    regs: None,
-                    sregs: None,
-                }))),
+                Err(e) => dom.finish(Outcome::Crash(Box::new(CrashReport::without_regs(
+                    self.id,
+                    CrashReason::Kvm(e.to_string()),
+                )))),
             }
         }
         self.stats
@@ -199,92 +177,77 @@ impl Vcpu {
             if dom.is_stopping() {
                 return;
             }
-            let exit = match self.fd.run() {
-                Ok(exit) => match exit {
-                    VcpuExit::IoOut(port, data) if port == HYPERCALL_PORT => {
-                        let _ = data;
-                        Exit::Hypercall
-                    }
-                    VcpuExit::IoOut(port, data) => Exit::Port {
+            // Hypercalls resume the guest; every other exit is fatal to the domain.
+            let fatal = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) if port == HYPERCALL_PORT => None,
+                Ok(VcpuExit::IoOut(port, data)) => Some((
+                    ExitKind::PortIo,
+                    CrashReason::UnknownPort {
                         port,
                         size: data.len() as u32,
                         dir: "out",
                     },
-                    VcpuExit::IoIn(port, data) => Exit::Port {
+                )),
+                Ok(VcpuExit::IoIn(port, data)) => Some((
+                    ExitKind::PortIo,
+                    CrashReason::UnknownPort {
                         port,
                         size: data.len() as u32,
                         dir: "in",
                     },
-                    VcpuExit::MmioRead(gpa, data) => Exit::Mmio {
+                )),
+                Ok(VcpuExit::MmioRead(gpa, data)) => Some((
+                    ExitKind::Mmio,
+                    CrashReason::UnknownMmio {
                         gpa,
                         size: data.len() as u32,
                         dir: "read",
                     },
-                    VcpuExit::MmioWrite(gpa, data) => Exit::Mmio {
+                )),
+                Ok(VcpuExit::MmioWrite(gpa, data)) => Some((
+                    ExitKind::Mmio,
+                    CrashReason::UnknownMmio {
                         gpa,
                         size: data.len() as u32,
                         dir: "write",
                     },
-                    VcpuExit::Shutdown => Exit::Shutdown,
-                    VcpuExit::InternalError => Exit::InternalError,
-                    VcpuExit::FailEntry(reason, _cpu) => Exit::FailEntry(reason),
-                    VcpuExit::Hlt => Exit::Hlt,
-                    other => Exit::Other(format!("{other:?}")),
-                },
+                )),
+                Ok(VcpuExit::Shutdown) => Some((ExitKind::Shutdown, CrashReason::TripleFault)),
+                Ok(VcpuExit::InternalError) => Some((
+                    ExitKind::InternalError,
+                    CrashReason::EmulationFailure { suberror: 0 },
+                )),
+                Ok(VcpuExit::FailEntry(reason, _cpu)) => {
+                    Some((ExitKind::FailEntry, CrashReason::EntryFailure { reason }))
+                }
+                Ok(VcpuExit::Hlt) => Some((ExitKind::Hlt, CrashReason::Halted)),
+                Ok(other) => Some((
+                    ExitKind::Other,
+                    CrashReason::UnexpectedExit(format!("{other:?}")),
+                )),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     self.stats.exit(ExitKind::Interrupted);
                     continue;
                 }
-                Err(e) => {
-                    self.crash(dom, CrashReason::Kvm(format!("KVM_RUN: {e}")));
-                    return;
-                }
+                Err(e) => Some((ExitKind::Other, CrashReason::Kvm(format!("KVM_RUN: {e}")))),
             };
-            match exit {
-                Exit::Hypercall => {
+            match fatal {
+                None => {
                     self.stats.exit(ExitKind::Hypercall);
                     if self.hypercall(dom) == Disposition::Stop {
                         return;
                     }
                 }
-                Exit::Port { port, size, dir } => {
-                    self.stats.exit(ExitKind::PortIo);
-                    self.crash(dom, CrashReason::UnknownPort { port, size, dir });
-                    return;
-                }
-                Exit::Mmio { gpa, size, dir } => {
-                    self.stats.exit(ExitKind::Mmio);
-                    self.crash(dom, CrashReason::UnknownMmio { gpa, size, dir });
-                    return;
-                }
-                Exit::Shutdown => {
-                    self.stats.exit(ExitKind::Shutdown);
-                    self.crash(dom, CrashReason::TripleFault);
-                    return;
-                }
-                Exit::InternalError => {
-                    self.stats.exit(ExitKind::InternalError);
-                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
-                    // `internal` member of the union is the one KVM filled in.
-                    let suberror =
-                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    self.crash(dom, CrashReason::EmulationFailure { suberror });
-                    return;
-                }
-                Exit::FailEntry(reason) => {
-                    self.stats.exit(ExitKind::FailEntry);
-                    self.crash(dom, CrashReason::EntryFailure { reason });
-                    return;
-                }
-                Exit::Hlt => {
-                    self.stats.exit(ExitKind::Hlt);
-                    self.crash(dom, CrashReason::Halted);
-                    return;
-                }
-                Exit::Other(what) => {
-                    self.stats.exit(ExitKind::Other);
-                    self.crash(dom, CrashReason::UnexpectedExit(what));
+                Some((kind, mut reason)) => {
+                    self.stats.exit(kind);
+                    if let CrashReason::EmulationFailure { suberror } = &mut reason {
+                        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
+                        // `internal` member of the union is the one KVM filled in.
+                        *suberror =
+                            unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    }
+                    self.crash(dom, reason);
                     return;
                 }
             }
