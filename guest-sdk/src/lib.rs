@@ -28,7 +28,7 @@
 //! * [`boot`]: start_info validation and the version/feature handshake that
 //!   [`entry!`] runs before the kernel's `main`;
 //! * [`console`]: a buffered [`core::fmt::Write`] console and [`print!`] / [`println!`];
-//! * [`panic`]: panic reporting ([`panic_handler!`]);
+//! * [`mod@panic`]: panic reporting ([`panic_handler!`]);
 //! * [`cpuid`]: detecting hv without a hypercall;
 //! * [`arch`]: the few x86-64 privileged operations small kernels need.
 //!
