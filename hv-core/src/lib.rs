@@ -14,6 +14,7 @@ pub mod domain;
 pub mod hypercall;
 pub mod loader;
 pub mod memory;
+pub mod mmu;
 pub mod outcome;
 pub mod stats;
 pub mod vcpu;

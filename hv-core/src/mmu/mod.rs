@@ -1,0 +1,256 @@
+//! The PV MMU: the frame table of the page-table pool and the validator that every
+//! page-table change goes through (hypercalls and trapped writes alike).
+//!
+//! Rules (SPEC.md, "PV MMU"), modelled on Xen's:
+//! - Only frames of the page-table pool can be page tables. Each pool frame has a type
+//!   (none or L1..L4), a type count (references as that type: pins plus validated
+//!   upper-level entries), a pin flag and a count of writable mappings.
+//! - A frame gets a type when its count goes from 0 to 1: all 512 entries are validated
+//!   then. The type changes only at count 0; when the count drops to 0 the frame loses
+//!   its type and drops the references its entries held.
+//! - A present L1 entry maps a RAM frame (any permissions) or a pool frame: read-only
+//!   if the pool frame is a page table; writable only while it is not one (such a
+//!   frame cannot become a page table until the writable mappings are gone).
+//! - A present L2..L4 entry points to a pool frame validated as a table one level down.
+//!   No huge pages (PS), no reserved bits, nothing in the hypervisor's L4 slots.
+//! - Entries written through the validator get Accessed set (and Dirty on writable L1
+//!   entries), so a CPU rarely needs to write them back into the read-only pool.
+//!   Validation itself never changes memory: a rejected operation changes nothing.
+
+pub mod rules;
+
+use hv_abi::{Errno, PAGE_SIZE};
+
+pub use rules::{Layout, Target};
+
+/// Access to the page-table pool's memory.
+pub trait PtMemory {
+    /// Reads the 8-byte entry at guest-physical `gpa` (8-aligned, inside the pool).
+    fn read_pte(&self, gpa: u64) -> u64;
+    /// Writes the 8-byte entry at guest-physical `gpa` (8-aligned, inside the pool).
+    fn write_pte(&mut self, gpa: u64, val: u64);
+}
+
+/// Per-frame state of a pool frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// 0: not a page table; 1..=4: L1..L4.
+    pub level: u8,
+    /// References as `level` (pins and validated entries one level up).
+    pub type_count: u32,
+    /// Pinned by the guest (or by the hypervisor at boot).
+    pub pinned: bool,
+    /// Writable mappings of this frame in validated L1 tables.
+    pub writable_maps: u32,
+}
+
+/// The frame table and validator of one domain.
+#[derive(Clone, Debug)]
+pub struct Mmu {
+    layout: Layout,
+    frames: Vec<FrameInfo>,
+}
+
+impl Mmu {
+    /// A frame table for `layout` with every frame untyped.
+    pub fn new(layout: Layout) -> Self {
+        Mmu {
+            frames: vec![FrameInfo::default(); layout.pool_frames as usize],
+            layout,
+        }
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// State of the pool frame at `gpa` (`None` outside the pool).
+    pub fn frame(&self, gpa: u64) -> Option<FrameInfo> {
+        self.layout.pool_index(gpa).map(|i| self.frames[i])
+    }
+
+    /// All pool frames' states, by pool index.
+    pub fn frames(&self) -> &[FrameInfo] {
+        &self.frames
+    }
+
+    /// True if `gpa` is a pinned L4 table (a valid CR3).
+    pub fn is_pinned_l4(&self, gpa: u64) -> bool {
+        gpa % PAGE_SIZE == 0
+            && self
+                .layout
+                .pool_index(gpa)
+                .is_some_and(|i| self.frames[i].pinned && self.frames[i].level == 4)
+    }
+
+    /// Pins the table at `gpa` as a level-`level` table, validating it if needed.
+    pub fn pin(&mut self, mem: &mut impl PtMemory, level: u8, gpa: u64) -> Result<(), Errno> {
+        if !(1..=4).contains(&level) || gpa % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let idx = self.layout.pool_index(gpa).ok_or(Errno::EINVAL)?;
+        if self.frames[idx].pinned {
+            return Err(Errno::EEXIST);
+        }
+        self.get_type(mem, idx, level)?;
+        self.frames[idx].pinned = true;
+        Ok(())
+    }
+
+    /// Unpins the table at `gpa`. `in_use` tells whether it is some vCPU's CR3.
+    pub fn unpin(&mut self, mem: &mut impl PtMemory, gpa: u64, in_use: bool) -> Result<(), Errno> {
+        if gpa % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let idx = self.layout.pool_index(gpa).ok_or(Errno::EINVAL)?;
+        if !self.frames[idx].pinned {
+            return Err(Errno::EINVAL);
+        }
+        if in_use {
+            return Err(Errno::EBUSY);
+        }
+        self.frames[idx].pinned = false;
+        self.put_type(mem, idx);
+        Ok(())
+    }
+
+    /// One `mmu_update` request: `ptr` holds the entry's address and command, `val` the
+    /// new value. Returns the level of the table changed (0 if the frame is not a page
+    /// table and the value was stored as is) and the entry's previous value.
+    pub fn update(
+        &mut self,
+        mem: &mut impl PtMemory,
+        ptr: u64,
+        val: u64,
+    ) -> Result<(u8, u64), Errno> {
+        if ptr & 7 != hv_abi::mmu::MMU_NORMAL_PT_UPDATE {
+            return Err(Errno::EINVAL);
+        }
+        self.write_entry(mem, ptr, val)
+    }
+
+    /// A direct write of 8 bytes at `gpa` (trapped or `mmu_update`): validated if the
+    /// frame is a page table, stored as is otherwise.
+    pub fn write_entry(
+        &mut self,
+        mem: &mut impl PtMemory,
+        gpa: u64,
+        val: u64,
+    ) -> Result<(u8, u64), Errno> {
+        if gpa % 8 != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let Some(idx) = self.layout.pool_index(gpa) else {
+            return Err(if gpa < self.layout.ram_bytes() {
+                Errno::EINVAL
+            } else {
+                Errno::EFAULT
+            });
+        };
+        let old = mem.read_pte(gpa);
+        let level = self.frames[idx].level;
+        if self.frames[idx].type_count == 0 {
+            mem.write_pte(gpa, val);
+            return Ok((0, old));
+        }
+        let slot = ((gpa % PAGE_SIZE) / 8) as usize;
+        let new_target = self.layout.check_entry(level, slot, val)?;
+        self.get_ref(mem, new_target)?;
+        // Validated entries never fail to decode.
+        let old_target = self
+            .layout
+            .check_entry(level, slot, old)
+            .unwrap_or(Target::NotPresent);
+        mem.write_pte(gpa, rules::with_accessed(level, val));
+        self.put_ref(mem, old_target);
+        Ok((level, old))
+    }
+
+    fn get_ref(&mut self, mem: &mut impl PtMemory, t: Target) -> Result<(), Errno> {
+        match t {
+            Target::NotPresent | Target::Ram | Target::PoolReadOnly(_) => Ok(()),
+            Target::PoolWritable(i) => {
+                if self.frames[i].type_count > 0 {
+                    return Err(Errno::EACCES);
+                }
+                self.frames[i].writable_maps += 1;
+                Ok(())
+            }
+            Target::Table(i, level) => self.get_type(mem, i, level),
+        }
+    }
+
+    fn put_ref(&mut self, mem: &mut impl PtMemory, t: Target) {
+        match t {
+            Target::NotPresent | Target::Ram | Target::PoolReadOnly(_) => {}
+            Target::PoolWritable(i) => self.frames[i].writable_maps -= 1,
+            Target::Table(i, _) => self.put_type(mem, i),
+        }
+    }
+
+    /// Takes a reference to frame `idx` as a level-`level` table, validating all its
+    /// entries if it had no type.
+    fn get_type(&mut self, mem: &mut impl PtMemory, idx: usize, level: u8) -> Result<(), Errno> {
+        let f = self.frames[idx];
+        if f.type_count > 0 {
+            return if f.level == level {
+                self.frames[idx].type_count += 1;
+                Ok(())
+            } else {
+                Err(Errno::EBUSY)
+            };
+        }
+        if f.writable_maps > 0 {
+            return Err(Errno::EBUSY);
+        }
+        // Typed from here on, so that an entry referring back to this frame as another
+        // level is a type conflict rather than a loop.
+        self.frames[idx].level = level;
+        self.frames[idx].type_count = 1;
+        let base = self.layout.pool_gpa(idx);
+        for slot in 0..512 {
+            let gpa = base + slot as u64 * 8;
+            let val = mem.read_pte(gpa);
+            let r = self
+                .layout
+                .check_entry(level, slot, val)
+                .and_then(|t| self.get_ref(mem, t));
+            if let Err(e) = r {
+                for undo in 0..slot {
+                    let v = mem.read_pte(base + undo as u64 * 8);
+                    let t = self
+                        .layout
+                        .check_entry(level, undo, v)
+                        .unwrap_or(Target::NotPresent);
+                    self.put_ref(mem, t);
+                }
+                self.frames[idx].level = 0;
+                self.frames[idx].type_count = 0;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn put_type(&mut self, mem: &mut impl PtMemory, idx: usize) {
+        self.frames[idx].type_count -= 1;
+        if self.frames[idx].type_count > 0 {
+            return;
+        }
+        let level = self.frames[idx].level;
+        let base = self.layout.pool_gpa(idx);
+        for slot in 0..512 {
+            let v = mem.read_pte(base + slot as u64 * 8);
+            let t = self
+                .layout
+                .check_entry(level, slot, v)
+                .unwrap_or(Target::NotPresent);
+            self.put_ref(mem, t);
+        }
+        self.frames[idx].level = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests;
