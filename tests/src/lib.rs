@@ -1,6 +1,8 @@
 //! Helpers shared by hv's integration tests: KVM availability, booting guests, and
 //! ELF surgery for the loader's rejection cases.
 
+pub mod mmu_model;
+
 use std::sync::OnceLock;
 
 use hv_core::{ConsoleSink, DomainConfig, DomainError, DomainReport};

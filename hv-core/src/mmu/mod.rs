@@ -130,6 +130,21 @@ impl Mmu {
         self.write_entry(mem, ptr, val)
     }
 
+    /// A batch of `mmu_update` requests, in order, stopping at the first failure.
+    /// Returns how many were applied and the first failure's error.
+    pub fn update_batch(
+        &mut self,
+        mem: &mut impl PtMemory,
+        reqs: &[hv_abi::mmu::MmuUpdate],
+    ) -> (u32, Result<(), Errno>) {
+        for (i, r) in reqs.iter().enumerate() {
+            if let Err(e) = self.update(mem, r.ptr, r.val) {
+                return (i as u32, Err(e));
+            }
+        }
+        (reqs.len() as u32, Ok(()))
+    }
+
     /// A direct write of 8 bytes at `gpa` (trapped or `mmu_update`): validated if the
     /// frame is a page table, stored as is otherwise.
     pub fn write_entry(
