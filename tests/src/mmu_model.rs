@@ -115,11 +115,25 @@ impl Model {
 
     /// Walks the tables from the pins in the current state.
     pub fn walk(&self) -> Walk {
+        self.walk_with(None)
+    }
+
+    /// Walks the tables from the pins and one extra reference (a table at a level, or
+    /// a writable mapping), as held during an update that replaces it.
+    fn walk_with(&self, extra: Option<Points>) -> Walk {
         let mut w = Walk::default();
         let mut stack: Vec<(u64, u8)> = Vec::new();
         for (&f, &l) in &self.pins {
             *w.table_refs.entry(f).or_default() += 1;
             stack.push((f, l));
+        }
+        match extra {
+            Some(Points::Table(t, l)) => {
+                *w.table_refs.entry(t).or_default() += 1;
+                stack.push((t, l));
+            }
+            Some(Points::PoolRw(t)) => *w.writable_maps.entry(t).or_default() += 1,
+            _ => {}
         }
         let mut seen = BTreeSet::new();
         while let Some((f, l)) = stack.pop() {
@@ -167,8 +181,8 @@ impl Model {
 
     /// Applies a change if the resulting state is consistent. `Err(codes)`: rejected,
     /// with the codes a correct implementation may report.
-    fn commit(&mut self, next: Model) -> Result<(), BTreeSet<i64>> {
-        let w = next.walk();
+    fn commit(&mut self, next: Model, held: Option<Points>) -> Result<(), BTreeSet<i64>> {
+        let w = next.walk_with(held);
         if w.errors.is_empty() {
             *self = next;
             Ok(())
@@ -187,7 +201,7 @@ impl Model {
         }
         let mut next = self.clone();
         next.pins.insert(frame, level);
-        self.commit(next)
+        self.commit(next, None)
     }
 
     /// Unpin (never of a loaded root in the model).
@@ -231,6 +245,9 @@ impl Model {
             }
         }
         next.mem.insert(ptr, stored);
-        self.commit(next)
+        // The new entry's reference is taken before the old one is dropped (as in
+        // Xen), so the state must be consistent with both held.
+        let old = self.rule(level, (ptr % PAGE) / 8, self.read(ptr)).ok();
+        self.commit(next, old)
     }
 }
