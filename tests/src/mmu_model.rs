@@ -14,6 +14,8 @@ pub const PAGE: u64 = 4096;
 /// The model's view of the domain's memory layout.
 #[derive(Clone, Copy, Debug)]
 pub struct ModelLayout {
+    /// Guest-physical address width: address bits from here to 51 are reserved.
+    pub phys_bits: u32,
     /// RAM frames.
     pub ram_frames: u64,
     /// Pool base address.
@@ -82,16 +84,18 @@ impl Model {
         }
         let addr = val & 0x000F_FFFF_FFFF_F000;
         let flags = val & !0x000F_FFFF_FFFF_F000;
-        // Bits 52-62 are reserved at every level.
-        if flags & (0x7FF << 52) != 0 {
-            return Err(Errno::EINVAL);
+        // Address bits M..=51 are reserved.
+        for bit in self.layout.phys_bits..52 {
+            if val & (1 << bit) != 0 {
+                return Err(Errno::EINVAL);
+            }
         }
-        // Bit 7: PAT at L1, PS (huge page) above: both refused. D and G only at L1.
-        if flags & (1 << 7) != 0 || (level > 1 && flags & ((1 << 6) | (1 << 8)) != 0) {
+        // Bit 7 is PAT at L1 (allowed) and PS above (no huge pages).
+        if level > 1 && flags & (1 << 7) != 0 {
             return Err(Errno::EINVAL);
         }
         if level == 4 && (256..=271).contains(&slot) {
-            return Err(Errno::EPERM);
+            return Err(Errno::EACCES);
         }
         if self.in_pool(addr) {
             if level > 1 {
@@ -103,14 +107,10 @@ impl Model {
                 Points::PoolRo(addr)
             });
         }
-        if addr < self.layout.ram_frames * PAGE {
-            return if level == 1 {
-                Ok(Points::Ram)
-            } else {
-                Err(Errno::EINVAL)
-            };
+        if level == 1 && addr < self.layout.ram_frames * PAGE {
+            return Ok(Points::Ram);
         }
-        Err(Errno::EFAULT)
+        Err(Errno::EACCES)
     }
 
     /// Walks the tables from the pins in the current state.
@@ -216,16 +216,24 @@ impl Model {
     /// One `mmu_update` request.
     pub fn update(&mut self, ptr: u64, val: u64) -> Result<(), BTreeSet<i64>> {
         let one = |e: Errno| -> Result<(), BTreeSet<i64>> { Err([e.to_ret()].into()) };
-        if ptr & 7 != 0 {
+        let cmd = ptr & 7;
+        let ptr = ptr & !7;
+        if cmd != 0 && cmd != 2 {
             return one(Errno::EINVAL);
         }
         if !self.in_pool(ptr) {
             return one(if ptr < self.layout.ram_frames * PAGE {
-                Errno::EINVAL
+                Errno::EACCES
             } else {
                 Errno::EFAULT
             });
         }
+        // PRESERVE_AD: A and D come from the entry being replaced.
+        let val = if cmd == 2 {
+            (val & !(PTE_A | PTE_D)) | (self.read(ptr) & (PTE_A | PTE_D))
+        } else {
+            val
+        };
         let frame = ptr & !(PAGE - 1);
         let level = self.level_of(frame);
         let mut next = self.clone();

@@ -13,6 +13,7 @@ use zerocopy::FromBytes;
 const RAM_FRAMES: u64 = 32;
 const POOL_BASE: u64 = RAM_FRAMES * PAGE;
 const POOL_FRAMES: u64 = 8;
+const PHYS_BITS: u32 = 40;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Mem(HashMap<u64, u64>);
@@ -44,7 +45,7 @@ fn pool(i: u64) -> u64 {
 enum Op {
     Pin(u8, u64),
     Unpin(u64),
-    Update(u64, u64, u64),
+    Update(u64, u64, u64, u64),
     Batch(Vec<(u64, u64, u64)>),
     Raw(u64, u64),
 }
@@ -53,7 +54,8 @@ fn entry() -> impl Strategy<Value = u64> {
     let target = prop_oneof![
         4 => (0..POOL_FRAMES).prop_map(pool),
         3 => (0..RAM_FRAMES).prop_map(|f| f * PAGE),
-        1 => Just(1u64 << 40),
+        1 => Just(1u64 << 39),
+        1 => Just(1u64 << 45),
     ];
     let flags = (
         prop::bool::weighted(0.85),
@@ -100,7 +102,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (1..=4u8, 0..POOL_FRAMES).prop_map(|(l, f)| Op::Pin(l, pool(f))),
         1 => (0..POOL_FRAMES).prop_map(|f| Op::Unpin(pool(f))),
-        6 => update().prop_map(|(f, s, v)| Op::Update(f, s, v)),
+        6 => (update(), prop_oneof![8 => Just(0u64), 2 => Just(2u64), 1 => Just(1u64), 1 => Just(4u64)])
+            .prop_map(|((f, s, v), cmd)| Op::Update(f, s, v, cmd)),
         2 => prop::collection::vec(update(), 1..6).prop_map(Op::Batch),
         1 => (any::<u64>(), any::<u64>()).prop_map(|(p, v)| Op::Raw(p, v)),
     ]
@@ -127,12 +130,14 @@ impl World {
     fn new() -> Self {
         World {
             mmu: Mmu::new(Layout {
+                phys_bits: PHYS_BITS,
                 ram_frames: RAM_FRAMES,
                 pool_base: POOL_BASE,
                 pool_frames: POOL_FRAMES,
             }),
             mem: Mem::default(),
             model: Model::new(ModelLayout {
+                phys_bits: PHYS_BITS,
                 ram_frames: RAM_FRAMES,
                 pool_base: POOL_BASE,
                 pool_frames: POOL_FRAMES,
@@ -173,8 +178,8 @@ impl World {
                 let real = self.mmu.unpin(&mut self.mem, *f, false);
                 agree(&real, &self.model.unpin(*f), op);
             }
-            Op::Update(f, s, v) => {
-                let _ = self.update(pool(*f) + s * 8, *v, op);
+            Op::Update(f, s, v, cmd) => {
+                let _ = self.update((pool(*f) + s * 8) | cmd, *v, op);
             }
             Op::Raw(p, v) => {
                 let _ = self.update(*p, *v, op);

@@ -124,10 +124,31 @@ impl Mmu {
         ptr: u64,
         val: u64,
     ) -> Result<(u8, u64), Errno> {
-        if ptr & 7 != hv_abi::mmu::MMU_NORMAL_PT_UPDATE {
+        let gpa = ptr & !7;
+        match ptr & 7 {
+            hv_abi::mmu::MMU_NORMAL_PT_UPDATE => self.write_entry(mem, gpa, val),
+            hv_abi::mmu::MMU_PT_UPDATE_PRESERVE_AD => {
+                self.pool_entry(gpa)?;
+                let ad = hv_abi::mmu::PTE_A | hv_abi::mmu::PTE_D;
+                let old = mem.read_pte(gpa);
+                self.write_entry(mem, gpa, (val & !ad) | (old & ad))
+            }
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// Checks that `gpa` is an aligned entry in the pool; returns the pool index.
+    fn pool_entry(&self, gpa: u64) -> Result<usize, Errno> {
+        if gpa % 8 != 0 {
             return Err(Errno::EINVAL);
         }
-        self.write_entry(mem, ptr, val)
+        self.layout
+            .pool_index(gpa)
+            .ok_or(if gpa < self.layout.ram_bytes() {
+                Errno::EACCES
+            } else {
+                Errno::EFAULT
+            })
     }
 
     /// A batch of `mmu_update` requests, in order, stopping at the first failure.
@@ -153,16 +174,7 @@ impl Mmu {
         gpa: u64,
         val: u64,
     ) -> Result<(u8, u64), Errno> {
-        if gpa % 8 != 0 {
-            return Err(Errno::EINVAL);
-        }
-        let Some(idx) = self.layout.pool_index(gpa) else {
-            return Err(if gpa < self.layout.ram_bytes() {
-                Errno::EINVAL
-            } else {
-                Errno::EFAULT
-            });
-        };
+        let idx = self.pool_entry(gpa)?;
         let old = mem.read_pte(gpa);
         let level = self.frames[idx].level;
         if self.frames[idx].type_count == 0 {

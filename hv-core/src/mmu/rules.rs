@@ -1,21 +1,20 @@
 //! Entry rules: what a page-table entry at a given level and slot may contain.
 
-use hv_abi::mmu::{PTE_A, PTE_ADDR_MASK, PTE_D, PTE_P, PTE_W};
+use hv_abi::mmu::{PTE_A, PTE_ADDR_MASK, PTE_D, PTE_P, PTE_PS, PTE_W};
 use hv_abi::{Errno, PAGE_SIZE};
 
 /// L4 slots reserved to the hypervisor (virtual 0xFFFF8000_00000000..0xFFFF8800_00000000).
 pub const HV_L4_SLOTS: core::ops::RangeInclusive<usize> = 256..=271;
 
-/// Bits a present L1 entry may have besides the frame address: P W U PWT PCD A D G,
-/// the software bits 9-11 and NX. PAT (bit 7) and bits 52-62 are reserved in v1.
-pub const L1_ALLOWED: u64 = 0x1FF & !(1 << 7) | 0xE00 | (1 << 63);
-/// Bits a present L2-L4 entry may have besides the address: P W U PWT PCD A, the
-/// software bits 9-11 and NX. PS (no huge pages), D, G and bits 52-62 are reserved.
-pub const UPPER_ALLOWED: u64 = 0x3F | 0xE00 | (1 << 63);
+/// Mask of the frame-address field of an entry (bits 12-51).
+pub const ADDR_FIELD: u64 = 0x000F_FFFF_FFFF_F000;
 
 /// The memory a domain's entries may refer to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
+    /// Guest-physical address width M (CPUID 0x80000008 EAX[7:0]): address bits M..=51
+    /// of an entry are reserved.
+    pub phys_bits: u32,
     /// RAM frames: RAM is `[0, ram_frames * 4096)`.
     pub ram_frames: u64,
     /// Guest-physical address of the pool.
@@ -58,23 +57,19 @@ impl Layout {
     }
 
     /// Checks entry `val` for slot `slot` of a level-`level` table (1..=4) without
-    /// looking at any frame's state. Errors: EINVAL for reserved or disallowed bits, a
-    /// huge page, or an upper-level entry that points outside the pool; EPERM for a
-    /// present entry in a hypervisor L4 slot; EFAULT for a frame outside the domain.
+    /// looking at any frame's state (SPEC.md 8.5.2). Errors: EINVAL for reserved address
+    /// bits (M..=51) or a huge page (PS at L2-L4); EACCES for a present entry in a
+    /// hypervisor L4 slot, or a target that is neither RAM (L1 only) nor the pool.
     pub fn check_entry(&self, level: u8, slot: usize, val: u64) -> Result<Target, Errno> {
         if val & PTE_P == 0 {
             return Ok(Target::NotPresent);
         }
-        let allowed = if level == 1 {
-            L1_ALLOWED
-        } else {
-            UPPER_ALLOWED
-        };
-        if val & !(allowed | PTE_ADDR_MASK) != 0 {
+        let reserved = ADDR_FIELD & !((1u64 << self.phys_bits.clamp(32, 52)) - 1);
+        if val & reserved != 0 || (level > 1 && val & PTE_PS != 0) {
             return Err(Errno::EINVAL);
         }
         if level == 4 && HV_L4_SLOTS.contains(&slot) {
-            return Err(Errno::EPERM);
+            return Err(Errno::EACCES);
         }
         let addr = val & PTE_ADDR_MASK;
         if let Some(i) = self.pool_index(addr) {
@@ -84,14 +79,10 @@ impl Layout {
                 _ => Target::Table(i, level - 1),
             });
         }
-        if addr < self.ram_bytes() {
-            return if level == 1 {
-                Ok(Target::Ram)
-            } else {
-                Err(Errno::EINVAL)
-            };
+        if level == 1 && addr < self.ram_bytes() {
+            return Ok(Target::Ram);
         }
-        Err(Errno::EFAULT)
+        Err(Errno::EACCES)
     }
 }
 

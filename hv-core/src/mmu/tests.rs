@@ -18,6 +18,7 @@ const POOL: u64 = 0x40_0000;
 
 fn layout() -> Layout {
     Layout {
+        phys_bits: 46,
         ram_frames: 1024,
         pool_base: POOL,
         pool_frames: 16,
@@ -58,33 +59,24 @@ fn pin_validates_the_whole_tree_and_unpin_releases_it() {
 #[test]
 fn entry_rules() {
     let l = layout();
+    let ok = |lvl, slot, v| l.check_entry(lvl, slot, v);
+    assert_eq!(ok(1, 0, 0x5000 | PTE_P | PTE_PS), Ok(Target::Ram)); // PAT at L1
+    assert_eq!(ok(2, 0, f(1) | PTE_P | PTE_PS), Err(Errno::EINVAL)); // huge page
     assert_eq!(
-        l.check_entry(1, 0, 0x5000 | PTE_P | PTE_PS),
-        Err(Errno::EINVAL)
-    ); // PAT
-    assert_eq!(
-        l.check_entry(2, 0, f(1) | PTE_P | PTE_PS),
-        Err(Errno::EINVAL)
-    ); // huge page
-    assert_eq!(
-        l.check_entry(1, 0, 0x5000 | PTE_P | 1 << 52),
-        Err(Errno::EINVAL)
-    );
-    assert_eq!(l.check_entry(2, 0, 0x5000 | PTE_P), Err(Errno::EINVAL)); // upper -> RAM
-    assert_eq!(l.check_entry(1, 0, (1 << 40) | PTE_P), Err(Errno::EFAULT));
-    assert_eq!(l.check_entry(4, 256, f(1) | PTE_P), Err(Errno::EPERM));
-    assert_eq!(l.check_entry(4, 271, f(1) | PTE_P), Err(Errno::EPERM));
-    assert_eq!(l.check_entry(4, 272, f(1) | PTE_P), Ok(Target::Table(1, 3)));
-    assert_eq!(l.check_entry(4, 256, f(1)), Ok(Target::NotPresent));
-    assert_eq!(l.check_entry(1, 0, 0x5000 | PTE_P | PTE_W), Ok(Target::Ram));
-    assert_eq!(
-        l.check_entry(1, 0, f(2) | PTE_P),
-        Ok(Target::PoolReadOnly(2))
-    );
-    assert_eq!(
-        l.check_entry(1, 0, f(2) | PTE_P | PTE_W),
-        Ok(Target::PoolWritable(2))
-    );
+        ok(1, 0, 0x5000 | PTE_P | 1 << 52 | 1 << 62),
+        Ok(Target::Ram)
+    ); // software bits
+    assert_eq!(ok(1, 0, 0x5000 | PTE_P | 1 << 46), Err(Errno::EINVAL)); // address bit >= M
+    assert_eq!(ok(1, 0, 0x5000 | PTE_P | 1 << 51), Err(Errno::EINVAL));
+    assert_eq!(ok(2, 0, 0x5000 | PTE_P), Err(Errno::EACCES)); // upper level -> RAM
+    assert_eq!(ok(1, 0, (1 << 40) | PTE_P), Err(Errno::EACCES)); // outside the domain
+    assert_eq!(ok(4, 256, f(1) | PTE_P), Err(Errno::EACCES)); // hypervisor slots
+    assert_eq!(ok(4, 271, f(1) | PTE_P), Err(Errno::EACCES));
+    assert_eq!(ok(4, 272, f(1) | PTE_P), Ok(Target::Table(1, 3)));
+    assert_eq!(ok(4, 256, f(1)), Ok(Target::NotPresent));
+    assert_eq!(ok(1, 0, 0x5000 | PTE_P | PTE_W), Ok(Target::Ram));
+    assert_eq!(ok(1, 0, f(2) | PTE_P), Ok(Target::PoolReadOnly(2)));
+    assert_eq!(ok(1, 0, f(2) | PTE_P | PTE_W), Ok(Target::PoolWritable(2)));
 }
 
 #[test]
@@ -158,12 +150,19 @@ fn updates_move_references_and_store_accessed_bits() {
         mem.read_pte(f(4) + 8),
         0x7000 | PTE_P | PTE_W | PTE_A | PTE_D
     );
+    // PRESERVE_AD keeps the old entry's A/D bits (and the hypervisor still sets A).
+    m.update(&mut mem, (f(4) + 8) | 2, 0x8000 | PTE_P).unwrap();
+    assert_eq!(mem.read_pte(f(4) + 8), 0x8000 | PTE_P | PTE_A | PTE_D);
+    // PRESERVE_AD keeps the old entry's A/D bits (and the hypervisor still sets A).
+    m.update(&mut mem, (f(4) + 8) | 2, 0x8000 | PTE_P).unwrap();
+    assert_eq!(mem.read_pte(f(4) + 8), 0x8000 | PTE_P | PTE_A | PTE_D);
     // Untyped frames take any value as is.
     m.update(&mut mem, f(9), u64::MAX).unwrap();
     assert_eq!(mem.read_pte(f(9)), u64::MAX);
     // Bad requests.
     assert_eq!(m.update(&mut mem, f(9) + 1, 0), Err(Errno::EINVAL));
     assert_eq!(m.update(&mut mem, f(9) | 4, 0), Err(Errno::EINVAL));
-    assert_eq!(m.update(&mut mem, 0x5000, 0), Err(Errno::EINVAL));
+    assert_eq!(m.update(&mut mem, f(9) | 1, 0), Err(Errno::EINVAL));
+    assert_eq!(m.update(&mut mem, 0x5000, 0), Err(Errno::EACCES));
     assert_eq!(m.update(&mut mem, 1 << 40, 0), Err(Errno::EFAULT));
 }
