@@ -67,3 +67,12 @@ pub fn supported_cached(kvm: &Kvm) -> Result<CpuId, crate::domain::DomainError> 
     })?;
     Ok(SUPPORTED.get_or_init(|| c).clone())
 }
+
+/// The guest-physical address width (CPUID 0x80000008 EAX[7:0]); 36 if not reported.
+pub fn phys_bits(cpuid: &CpuId) -> u32 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(36, |e| e.eax & 0xFF)
+}

@@ -1,6 +1,6 @@
 //! Domains: one KVM VM each, with its memory, vCPUs and shared state.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,8 @@ use thiserror::Error;
 use crate::boot::{self, BootError, StartInfoParams};
 use crate::console::{Console, ConsoleSink};
 use crate::loader::{KernelImage, LoadError};
-use crate::memory::{DomainMemory, MemoryError};
+use crate::memory::{DomainMemory, MemoryError, PoolAccess};
+use crate::mmu::{Layout, Mmu};
 use crate::outcome::{CrashReason, CrashReport, Outcome};
 use crate::stats::ExitStats;
 use crate::vcpu::{self, Vcpu};
@@ -99,6 +100,9 @@ pub enum DomainError {
     /// The CPUID table could not be built.
     #[error("cannot build the CPUID table: {0}")]
     Cpuid(String),
+    /// The boot page tables failed the PV MMU's validation (a hypervisor bug).
+    #[error("the boot page tables failed validation: {0}")]
+    BootTables(hv_abi::Errno),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -156,6 +160,10 @@ pub struct DomainShared {
     pub vcpu_states: Mutex<Vec<VcpuState>>,
     /// Signalled when a vCPU state changes or the domain stops.
     pub vcpu_cv: Condvar,
+    /// The PV MMU: frame table of the page-table pool.
+    pub mmu: Mutex<Mmu>,
+    /// The page-table root each vCPU was given (boot or `MMUEXT_NEW_BASEPTR`).
+    pub vcpu_cr3: Vec<AtomicU64>,
     outcome: Mutex<Option<Outcome>>,
     /// Threads currently running vCPUs, by index (for kicks).
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
@@ -249,6 +257,15 @@ impl Domain {
         let mem = DomainMemory::new(&config.name, config.mem_bytes, pool_frames)?;
         let first_free = image.load_into(&mem)?;
         let bi = boot::build_page_tables(&mem)?;
+        let mut mmu = Mmu::new(Layout {
+            phys_bits: crate::cpuid::phys_bits(&crate::cpuid::supported_cached(kvm)?),
+            ram_frames: mem.ram_bytes() / hv_abi::PAGE_SIZE,
+            pool_base: mem.pool_gpa(),
+            pool_frames: mem.pool_frames(),
+        });
+        // The boot tables are typed at entry: the root is pinned as L4 (SPEC 8.5.1).
+        mmu.pin(&mut PoolAccess(&mem), 4, bi.pt_base)
+            .map_err(DomainError::BootTables)?;
         boot::write_gdt_tss(&mem)?;
         let flags = if config.allow_user_hypercalls {
             SIF_USER_HYPERCALLS
@@ -321,6 +338,10 @@ impl Domain {
             stopping: AtomicBool::new(false),
             vcpu_states: Mutex::new(states),
             vcpu_cv: Condvar::new(),
+            mmu: Mutex::new(mmu),
+            vcpu_cr3: (0..config.vcpus)
+                .map(|_| AtomicU64::new(bi.pt_base))
+                .collect(),
             outcome: Mutex::new(None),
             threads: Mutex::new(vec![None; config.vcpus as usize]),
         });

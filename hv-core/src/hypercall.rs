@@ -15,7 +15,9 @@ use hv_abi::version::packed_version;
 use hv_abi::{Errno, Op, ABI_MAJOR, ABI_MINOR, PAGE_SIZE};
 
 use crate::domain::{DomainShared, VcpuState};
+use crate::mmu::hypercalls::{self as mmu, VcpuEffects, MAX_BATCH};
 use crate::outcome::{CrashReason, CrashReport, Outcome};
+use hv_abi::mmu::MulticallEntry;
 
 /// What the vCPU does after a hypercall.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,6 +37,8 @@ pub struct Call {
     pub args: [u64; 5],
     /// The caller's privilege level.
     pub cpl: u8,
+    /// The caller's CR3.
+    pub cr3: u64,
 }
 
 type HcResult = Result<u64, Errno>;
@@ -46,13 +50,25 @@ fn ret(r: HcResult) -> Disposition {
     })
 }
 
-/// Runs one hypercall for vCPU `vcpu` of `dom`.
-pub fn dispatch(dom: &DomainShared, vcpu: u32, call: Call) -> Disposition {
+/// Runs one hypercall for vCPU `vcpu` of `dom`; what it asks of the vCPU afterwards
+/// (a new CR3, a flush) is added to `effects`.
+pub fn dispatch(
+    dom: &DomainShared,
+    vcpu: u32,
+    call: Call,
+    effects: &mut VcpuEffects,
+) -> Disposition {
     if call.cpl != 0 && !dom.allow_user_hypercalls {
         return ret(Err(Errno::EPERM));
     }
     let [a1, a2, a3, _a4, _a5] = call.args;
     match Op::from_u64(call.op) {
+        Some(Op::MmuUpdate) => ret(mmu::mmu_update(dom, a1, a2, a3)),
+        Some(Op::MmuextOp) => ret(mmu::mmuext_op(dom, vcpu, a1, a2, a3, effects)),
+        Some(Op::UpdateVaMapping) => {
+            ret(mmu::update_va_mapping(dom, call.cr3, a1, a2, a3, effects))
+        }
+        Some(Op::Multicall) => multicall(dom, vcpu, call, a1, a2, effects),
         Some(Op::Version) => ret(version(dom, a1)),
         Some(Op::ConsoleIo) => ret(console_io(dom, a1, a2, a3)),
         Some(Op::SchedOp) => sched_op(dom, vcpu, a1, a2, a3),
@@ -156,4 +172,45 @@ fn vcpu_op(dom: &DomainShared, cmd: u64, target: u64, gpa: u64) -> HcResult {
             }
         },
     }
+}
+
+/// `multicall(entries, count)`: every entry runs, in order, with its own result; a
+/// successful shutdown stops the rest.
+fn multicall(
+    dom: &DomainShared,
+    vcpu: u32,
+    call: Call,
+    gpa: u64,
+    count: u64,
+    effects: &mut VcpuEffects,
+) -> Disposition {
+    if count > MAX_BATCH {
+        return ret(Err(Errno::E2BIG));
+    }
+    let size = core::mem::size_of::<MulticallEntry>() as u64;
+    if dom.mem.check_ram(gpa, count * size).is_err() {
+        return ret(Err(Errno::EFAULT));
+    }
+    for i in 0..count {
+        let at = gpa + i * size;
+        // Each entry is copied before use; the range was checked above.
+        let Ok(e) = dom.mem.read_obj::<MulticallEntry>(at) else {
+            return ret(Err(Errno::EFAULT));
+        };
+        let result = if e.args[5] != 0 || e.op == Op::Multicall as u64 {
+            Errno::EINVAL.to_ret()
+        } else {
+            let sub = Call {
+                op: e.op,
+                args: [e.args[0], e.args[1], e.args[2], e.args[3], e.args[4]],
+                ..call
+            };
+            match dispatch(dom, vcpu, sub, effects) {
+                Disposition::Return(v) => v,
+                Disposition::Stop => return Disposition::Stop,
+            }
+        };
+        let _ = dom.mem.write_obj(at + 8, &result);
+    }
+    ret(Ok(0))
 }

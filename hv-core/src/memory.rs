@@ -227,3 +227,17 @@ mod tests {
         assert!(DomainMemory::new("t", (4 << 20) + 1, 1).is_err());
     }
 }
+
+/// The page-table pool of a domain's memory, as the PV MMU validator sees it.
+pub struct PoolAccess<'a>(pub &'a DomainMemory);
+
+impl crate::mmu::PtMemory for PoolAccess<'_> {
+    fn read_pte(&self, gpa: u64) -> u64 {
+        // The validator only asks for aligned entries inside the pool.
+        self.0.mem.read_obj::<u64>(GuestAddress(gpa)).unwrap_or(0)
+    }
+
+    fn write_pte(&mut self, gpa: u64, val: u64) {
+        let _ = self.0.mem.write_obj::<u64>(val, GuestAddress(gpa));
+    }
+}

@@ -17,6 +17,7 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
 use crate::boot;
 use crate::domain::{DomainError, DomainShared, VcpuState};
 use crate::hypercall::{self, Call, Disposition};
+use crate::mmu::hypercalls::VcpuEffects;
 use crate::outcome::{CrashReason, CrashReport, Outcome};
 use crate::stats::{ExitKind, ExitStats};
 
@@ -264,11 +265,18 @@ impl Vcpu {
             op: r.rax,
             args: [r.rdi, r.rsi, r.rdx, r.r10, r.r8],
             cpl: (sync.sregs.cs.selector & 3) as u8,
+            cr3: sync.sregs.cr3,
         };
-        let d = hypercall::dispatch(dom, self.id, call);
+        let mut effects = VcpuEffects::default();
+        let d = hypercall::dispatch(dom, self.id, call, &mut effects);
         let ok = match d {
             Disposition::Return(v) => {
-                self.fd.sync_regs_mut().regs.rax = v as u64;
+                let sync = self.fd.sync_regs_mut();
+                sync.regs.rax = v as u64;
+                if let Some(cr3) = effects.new_cr3 {
+                    sync.sregs.cr3 = cr3;
+                    self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+                }
                 self.fd.set_sync_dirty_reg(SyncReg::Register);
                 v >= 0
             }

@@ -17,6 +17,7 @@
 //!   entries), so a CPU rarely needs to write them back into the read-only pool.
 //!   Validation itself never changes memory: a rejected operation changes nothing.
 
+pub mod hypercalls;
 pub mod rules;
 
 use hv_abi::{Errno, PAGE_SIZE};
