@@ -203,6 +203,20 @@ fn create_memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     Ok(file)
 }
 
+/// The page-table pool of a domain's memory, as the PV MMU validator sees it.
+pub struct PoolAccess<'a>(pub &'a DomainMemory);
+
+impl crate::mmu::PtMemory for PoolAccess<'_> {
+    fn read_pte(&self, gpa: u64) -> u64 {
+        // The validator only asks for aligned entries inside the pool.
+        self.0.mem.read_obj::<u64>(GuestAddress(gpa)).unwrap_or(0)
+    }
+
+    fn write_pte(&mut self, gpa: u64, val: u64) {
+        let _ = self.0.mem.write_obj::<u64>(val, GuestAddress(gpa));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,19 +239,5 @@ mod tests {
         assert_eq!(m2.pool_gpa(), 4 << 20);
         assert!(DomainMemory::new("t", 1 << 20, 1).is_err());
         assert!(DomainMemory::new("t", (4 << 20) + 1, 1).is_err());
-    }
-}
-
-/// The page-table pool of a domain's memory, as the PV MMU validator sees it.
-pub struct PoolAccess<'a>(pub &'a DomainMemory);
-
-impl crate::mmu::PtMemory for PoolAccess<'_> {
-    fn read_pte(&self, gpa: u64) -> u64 {
-        // The validator only asks for aligned entries inside the pool.
-        self.0.mem.read_obj::<u64>(GuestAddress(gpa)).unwrap_or(0)
-    }
-
-    fn write_pte(&mut self, gpa: u64, val: u64) {
-        let _ = self.0.mem.write_obj::<u64>(val, GuestAddress(gpa));
     }
 }
