@@ -50,6 +50,7 @@ pub mod cpuid;
 pub mod error;
 pub mod hypercall;
 mod macros;
+pub mod mmu;
 pub mod ops;
 pub mod panic;
 

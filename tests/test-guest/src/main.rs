@@ -26,6 +26,8 @@
 #![no_std]
 #![no_main]
 
+mod mmu;
+
 use core::cell::UnsafeCell;
 use core::hint::spin_loop;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +67,7 @@ fn main(si: &'static StartInfo) -> ! {
         b"hypercalls" => hypercalls(),
         b"cpuid" => cpuid_leaves(),
         b"vcpus" => vcpus(si),
+        b"mmu" => mmu::run(si),
         b"cmdline" => {
             let mut c = Console::new();
             c.write_bytes(b"cmdline=");

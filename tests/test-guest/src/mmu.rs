@@ -1,0 +1,152 @@
+//! Scenario `mmu`: every PV MMU rule through the real hypercall path. Prints one
+//! `key=<rc>` line per check (negative errno on refusal) and powers off with 0.
+
+use guest_sdk::hv_abi::hypercall::VERSION_GET;
+use guest_sdk::hv_abi::mmu::{
+    MmuUpdate, MmuextOp, MulticallEntry, PTE_A, PTE_ADDR_MASK, PTE_D, PTE_P, PTE_PS, PTE_W,
+    UVMF_INVLPG,
+};
+use guest_sdk::hv_abi::start_info::StartInfo;
+use guest_sdk::hv_abi::{Op, PAGE_SIZE};
+use guest_sdk::mmu;
+use guest_sdk::{poweroff, println, Error};
+
+fn rc(r: Result<(), Error>) -> i64 {
+    match r {
+        Ok(()) => 0,
+        Err(Error::Errno(e)) => e.to_ret(),
+        Err(Error::Unknown(v)) => v,
+    }
+}
+
+fn upd(ptr: u64, val: u64) -> MmuUpdate {
+    MmuUpdate { ptr, val }
+}
+
+/// Reads an entry of the (read-only, identity-mapped) page-table pool.
+fn read(gpa: u64) -> u64 {
+    // SAFETY: pool frames are mapped read-only at their guest-physical address.
+    unsafe { core::ptr::read_volatile(gpa as *const u64) }
+}
+
+/// One update, result code only.
+fn one(ptr: u64, val: u64) -> i64 {
+    // SAFETY: every update here targets frames nothing else uses.
+    rc(unsafe { mmu::mmu_update(&[upd(ptr, val)]) }.1)
+}
+
+pub fn run(si: &StartInfo) -> ! {
+    let root = si.pt_base_gpa;
+    let pool_end = si.pt_pool_gpa + si.pt_pool_frames * PAGE_SIZE;
+    let free = si.pt_pool_gpa + si.nr_pt_frames * PAGE_SIZE;
+    let (f, g) = (free, free + PAGE_SIZE);
+    // A RAM page past the kernel, mapped by nobody else in what follows.
+    let ram = (si.first_free_gpa + 16 * PAGE_SIZE) & !(PAGE_SIZE - 1);
+
+    println!("pin_root_again={}", rc(mmu::pin_table(4, root)));
+    // Frame f is not a page table yet: the write is stored as is.
+    println!("untyped_write={}", one(f, ram | PTE_P | PTE_W));
+    println!("pin_l1={}", rc(mmu::pin_table(1, f)));
+    println!("writable_pt={}", one(f + 8, f | PTE_P | PTE_W));
+    println!("readonly_pt={}", one(f + 8, f | PTE_P));
+    println!("reserved_bits={}", one(f + 16, ram | PTE_P | (1 << 51)));
+    println!("outside={}", one(f + 16, pool_end | PTE_P));
+    println!("ram_target={}", one(f + 16, ram | PTE_P | PTE_W));
+    let stored = read(f + 16);
+    println!(
+        "stored_ad={}",
+        u8::from(stored & (PTE_A | PTE_D) == PTE_A | PTE_D)
+    );
+    // Frame g becomes an L2 with a huge page in it: pinning validates it and refuses.
+    println!("untyped_write2={}", one(g, ram | PTE_P | PTE_PS));
+    println!("huge_page={}", rc(mmu::pin_table(2, g)));
+    println!("hv_slot={}", one(root + 256 * 8, g | PTE_P));
+    // f is an L1; the root wants an L3 there.
+    println!("type_conflict={}", one(root + 8 * 8, f | PTE_P));
+    println!("update_in_ram={}", one(ram, 0));
+    println!("bad_command={}", one(f | 1, 0));
+    // A batch stops at the first failure and reports how many were applied.
+    let batch = [
+        upd(f + 24, ram | PTE_P),
+        upd(f + 32, ram | PTE_P),
+        upd(f + 40, f | PTE_P | PTE_W),
+        upd(f + 48, ram | PTE_P),
+    ];
+    // SAFETY: the entries changed belong to frame f, which maps nothing in use.
+    let (done, r) = unsafe { mmu::mmu_update(&batch) };
+    println!("batch_done={done}");
+    println!("batch_rc={}", rc(r));
+    println!("batch_not_applied={:#x}", read(f + 48));
+    // mmuext_op.
+    // SAFETY: g is not pinned, so this only fails.
+    println!("baseptr_unpinned={}", rc(unsafe { mmu::new_baseptr(g) }));
+    // SAFETY: refused: the root is this vCPU's CR3.
+    println!("unpin_in_use={}", rc(unsafe { mmu::unpin_table(root) }));
+    let bad = MmuextOp {
+        cmd: 99,
+        reserved: 0,
+        arg1: 0,
+        arg2: 0,
+    };
+    // SAFETY: an unknown command changes nothing.
+    println!("mmuext_bad_cmd={}", rc(unsafe { mmu::mmuext(&[bad]) }.1));
+    println!("flush={}", rc(mmu::tlb_flush_local()));
+    // update_va_mapping on a page the boot tables map: same mapping, with a flush.
+    let cur = {
+        let mut t = root;
+        for shift in [39u32, 30, 21] {
+            t = read(t + ((ram >> shift) & 511) * 8) & PTE_ADDR_MASK;
+        }
+        read(t + ((ram >> 12) & 511) * 8)
+    };
+    // SAFETY: the page keeps its mapping.
+    println!(
+        "uva={}",
+        rc(unsafe { mmu::update_va_mapping(ram, cur, UVMF_INVLPG) })
+    );
+    // SAFETY: refused before anything changes.
+    println!(
+        "uva_bad_flags={}",
+        rc(unsafe { mmu::update_va_mapping(ram, cur, 7) })
+    );
+    // SAFETY: refused: the hypervisor's range.
+    println!(
+        "uva_hv_range={}",
+        rc(unsafe { mmu::update_va_mapping(0xFFFF_8000_0000_0000, 0, 0) })
+    );
+    // multicall: each entry gets its own result, a failure does not stop the others.
+    let bad_req = [upd(f + 56, f | PTE_P | PTE_W)];
+    let mut entries = [
+        MulticallEntry {
+            op: Op::Version as u64,
+            result: 0,
+            args: [VERSION_GET, 0, 0, 0, 0, 0],
+        },
+        MulticallEntry {
+            op: Op::MmuUpdate as u64,
+            result: 0,
+            args: [guest_sdk::virt_to_phys(bad_req.as_ptr()), 1, 0, 0, 0, 0],
+        },
+        MulticallEntry {
+            op: Op::Multicall as u64,
+            result: 0,
+            args: [0; 6],
+        },
+        MulticallEntry {
+            op: Op::Version as u64,
+            result: 0,
+            args: [VERSION_GET, 0, 0, 0, 0, 1],
+        },
+        MulticallEntry {
+            op: 99,
+            result: 0,
+            args: [0; 6],
+        },
+    ];
+    // SAFETY: the sub-calls change nothing in use.
+    println!("multicall={}", rc(unsafe { mmu::multicall(&mut entries) }));
+    for (i, e) in entries.iter().enumerate() {
+        println!("mc{i}={}", e.result);
+    }
+    poweroff(0)
+}
