@@ -164,6 +164,8 @@ pub struct DomainShared {
     pub mmu: Mutex<Mmu>,
     /// The page-table root each vCPU was given (boot or `MMUEXT_NEW_BASEPTR`).
     pub vcpu_cr3: Vec<AtomicU64>,
+    /// Bumped whenever a table is unpinned, so vCPUs re-check their cached CR3.
+    pub unpin_gen: AtomicU64,
     outcome: Mutex<Option<Outcome>>,
     /// Threads currently running vCPUs, by index (for kicks).
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
@@ -195,6 +197,39 @@ impl DomainShared {
                 }
             }
         }
+    }
+
+    /// A guest write that reached the page-table pool (the pool is a read-only memslot):
+    /// validated like one `mmu_update` if the frame is a page table, stored as is if
+    /// not. Partial writes are allowed only into frames that are not page tables.
+    pub fn trapped_write(&self, gpa: u64, bytes: &[u8]) -> Result<(), CrashReason> {
+        let refuse = |errno| CrashReason::PageTableWrite {
+            gpa,
+            size: bytes.len() as u32,
+            errno,
+        };
+        let mut mmu = self.mmu.lock().map_err(|_| refuse(hv_abi::Errno::EIO))?;
+        if let Ok(b) = <[u8; 8]>::try_from(bytes) {
+            if gpa % 8 == 0 {
+                return mmu
+                    .write_entry(&mut PoolAccess(&self.mem), gpa, u64::from_le_bytes(b))
+                    .map(|_| ())
+                    .map_err(refuse);
+            }
+        }
+        let within_entry = (gpa % 8) as usize + bytes.len() <= 8;
+        match mmu.frame(gpa) {
+            Some(f) if f.type_count == 0 && within_entry => self
+                .mem
+                .write_any(gpa, bytes)
+                .map_err(|_| refuse(hv_abi::Errno::EFAULT)),
+            _ => Err(refuse(hv_abi::Errno::EINVAL)),
+        }
+    }
+
+    /// True if `gpa` is in the domain's page-table pool.
+    pub fn in_pool(&self, gpa: u64) -> bool {
+        gpa >= self.mem.pool_gpa() && gpa < self.mem.pool_end()
     }
 
     /// True once the domain is stopping.
@@ -342,6 +377,7 @@ impl Domain {
             vcpu_cr3: (0..config.vcpus)
                 .map(|_| AtomicU64::new(bi.pt_base))
                 .collect(),
+            unpin_gen: AtomicU64::new(0),
             outcome: Mutex::new(None),
             threads: Mutex::new(vec![None; config.vcpus as usize]),
         });

@@ -41,6 +41,22 @@ pub enum CrashReason {
         /// "read" or "write".
         dir: &'static str,
     },
+    /// A write that reached the page-table pool and was refused.
+    #[error("rejected page-table write at guest-physical {gpa:#x} ({size} bytes): {errno}")]
+    PageTableWrite {
+        /// Address written.
+        gpa: u64,
+        /// Bytes written.
+        size: u32,
+        /// Why it was refused.
+        errno: hv_abi::Errno,
+    },
+    /// The vCPU runs on page tables that are not a pinned L4 of the domain.
+    #[error("CR3 {cr3:#x} is not a pinned L4 table of this domain: the registered page tables were bypassed")]
+    Cr3Bypass {
+        /// The CR3 found.
+        cr3: u64,
+    },
     /// KVM could not emulate an instruction.
     #[error("emulation failure (KVM_EXIT_INTERNAL_ERROR, suberror {suberror})")]
     EmulationFailure {

@@ -6,8 +6,11 @@
 //! domain with a report, never the hypervisor.
 
 use std::cell::Cell;
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 use std::time::Instant;
+
+use hv_abi::mmu::PTE_ADDR_MASK;
 
 use hv_abi::hypercall::VcpuContext;
 use hv_abi::hypercall::HYPERCALL_PORT;
@@ -66,6 +69,18 @@ pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
     stats: ExitStats,
+    /// The last CR3 found to be a pinned L4, and the unpin generation it was checked at.
+    cr3_ok: Option<(u64, u64)>,
+}
+
+/// What the run loop does after an exit.
+enum Next {
+    /// Handle a hypercall.
+    Hypercall,
+    /// Handled already: resume the guest.
+    Resume(ExitKind),
+    /// End the domain.
+    Fatal(ExitKind, CrashReason),
 }
 
 impl Vcpu {
@@ -87,6 +102,7 @@ impl Vcpu {
             id,
             fd,
             stats: ExitStats::default(),
+            cr3_ok: None,
         })
     }
 
@@ -178,69 +194,89 @@ impl Vcpu {
             if dom.is_stopping() {
                 return;
             }
-            // Hypercalls resume the guest; every other exit is fatal to the domain.
-            let fatal = match self.fd.run() {
-                Ok(VcpuExit::IoOut(port, _)) if port == HYPERCALL_PORT => None,
-                Ok(VcpuExit::IoOut(port, data)) => Some((
+            // Hypercalls and writes to the page-table pool resume the guest; every other
+            // exit is fatal to the domain.
+            let next = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) if port == HYPERCALL_PORT => Next::Hypercall,
+                Ok(VcpuExit::MmioWrite(gpa, data)) if dom.in_pool(gpa) => {
+                    match dom.trapped_write(gpa, data) {
+                        Ok(()) => Next::Resume(ExitKind::Mmio),
+                        Err(reason) => Next::Fatal(ExitKind::Mmio, reason),
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => Next::Fatal(
                     ExitKind::PortIo,
                     CrashReason::UnknownPort {
                         port,
                         size: data.len() as u32,
                         dir: "out",
                     },
-                )),
-                Ok(VcpuExit::IoIn(port, data)) => Some((
+                ),
+                Ok(VcpuExit::IoIn(port, data)) => Next::Fatal(
                     ExitKind::PortIo,
                     CrashReason::UnknownPort {
                         port,
                         size: data.len() as u32,
                         dir: "in",
                     },
-                )),
-                Ok(VcpuExit::MmioRead(gpa, data)) => Some((
+                ),
+                Ok(VcpuExit::MmioRead(gpa, data)) => Next::Fatal(
                     ExitKind::Mmio,
                     CrashReason::UnknownMmio {
                         gpa,
                         size: data.len() as u32,
                         dir: "read",
                     },
-                )),
-                Ok(VcpuExit::MmioWrite(gpa, data)) => Some((
+                ),
+                Ok(VcpuExit::MmioWrite(gpa, data)) => Next::Fatal(
                     ExitKind::Mmio,
                     CrashReason::UnknownMmio {
                         gpa,
                         size: data.len() as u32,
                         dir: "write",
                     },
-                )),
-                Ok(VcpuExit::Shutdown) => Some((ExitKind::Shutdown, CrashReason::TripleFault)),
-                Ok(VcpuExit::InternalError) => Some((
+                ),
+                Ok(VcpuExit::Shutdown) => Next::Fatal(ExitKind::Shutdown, CrashReason::TripleFault),
+                Ok(VcpuExit::InternalError) => Next::Fatal(
                     ExitKind::InternalError,
                     CrashReason::EmulationFailure { suberror: 0 },
-                )),
+                ),
                 Ok(VcpuExit::FailEntry(reason, _cpu)) => {
-                    Some((ExitKind::FailEntry, CrashReason::EntryFailure { reason }))
+                    Next::Fatal(ExitKind::FailEntry, CrashReason::EntryFailure { reason })
                 }
-                Ok(VcpuExit::Hlt) => Some((ExitKind::Hlt, CrashReason::Halted)),
-                Ok(other) => Some((
+                Ok(VcpuExit::Hlt) => Next::Fatal(ExitKind::Hlt, CrashReason::Halted),
+                Ok(other) => Next::Fatal(
                     ExitKind::Other,
                     CrashReason::UnexpectedExit(format!("{other:?}")),
-                )),
+                ),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     self.stats.exit(ExitKind::Interrupted);
                     continue;
                 }
-                Err(e) => Some((ExitKind::Other, CrashReason::Kvm(format!("KVM_RUN: {e}")))),
+                Err(e) => Next::Fatal(ExitKind::Other, CrashReason::Kvm(format!("KVM_RUN: {e}"))),
             };
-            match fatal {
-                None => {
+            // After every exit: the vCPU must run on a pinned L4 of this domain.
+            let next = match (next, self.check_cr3(dom)) {
+                (Next::Fatal(k, r), _) => Next::Fatal(k, r),
+                (n, Ok(())) => n,
+                (n, Err(reason)) => {
+                    let kind = match n {
+                        Next::Hypercall => ExitKind::Hypercall,
+                        Next::Resume(k) | Next::Fatal(k, _) => k,
+                    };
+                    Next::Fatal(kind, reason)
+                }
+            };
+            match next {
+                Next::Hypercall => {
                     self.stats.exit(ExitKind::Hypercall);
                     if self.hypercall(dom) == Disposition::Stop {
                         return;
                     }
                 }
-                Some((kind, mut reason)) => {
+                Next::Resume(kind) => self.stats.exit(kind),
+                Next::Fatal(kind, mut reason) => {
                     self.stats.exit(kind);
                     if let CrashReason::EmulationFailure { suberror } = &mut reason {
                         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
@@ -253,6 +289,23 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// Checks the CR3 of the last exit (from sync_regs) against the pinned L4 tables,
+    /// with a cache that an unpin anywhere in the domain invalidates.
+    #[inline]
+    fn check_cr3(&mut self, dom: &DomainShared) -> Result<(), CrashReason> {
+        let cr3 = self.fd.sync_regs_mut().sregs.cr3 & PTE_ADDR_MASK;
+        let gen = dom.unpin_gen.load(Ordering::Acquire);
+        if self.cr3_ok == Some((cr3, gen)) {
+            return Ok(());
+        }
+        let ok = dom.mmu.lock().map(|m| m.is_pinned_l4(cr3)).unwrap_or(false);
+        if !ok {
+            return Err(CrashReason::Cr3Bypass { cr3 });
+        }
+        self.cr3_ok = Some((cr3, gen));
+        Ok(())
     }
 
     /// Handles a hypercall exit: registers from sync_regs, result into RAX.

@@ -2,7 +2,7 @@
 //! batches that stop at the first failure, mmuext_op, update_va_mapping, multicall.
 
 use hv_abi::{Errno, Op};
-use hv_core::Outcome;
+use hv_core::{CrashReason, Outcome};
 use tests::{kvm_available, scenario};
 
 #[test]
@@ -57,4 +57,54 @@ fn every_rule_through_the_hypercall_path() {
     let s = &run.report.stats;
     assert!(s.op(Op::MmuUpdate).count >= 10);
     assert_eq!(s.op(Op::Multicall).count, 1);
+}
+
+#[test]
+fn direct_writes_into_the_pool_trap_and_are_validated() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("trapped-write", "");
+    let c = &run.console;
+    let si_ram = |line: &str| run.int(line) as u64;
+    // Into a frame that is no page table: stored as is (no A bit added).
+    let untyped = si_ram("trapped_untyped");
+    assert_eq!(untyped & 0xFFF, 0x3, "{c}");
+    assert_eq!(run.int("pin_l1"), 0, "{c}");
+    // Into a pinned L1: validated, stored with Accessed set.
+    assert_eq!(
+        si_ram("trapped_valid"),
+        ((untyped & !0xFFF) + 0x1000) | 0x21,
+        "{c}"
+    );
+    assert!(
+        c.contains("about_to_write_bad") && !c.contains("survived_bad_write"),
+        "{c}"
+    );
+    match &run.report.outcome {
+        Outcome::Crash(r) => match r.reason {
+            CrashReason::PageTableWrite {
+                size: 8,
+                errno: Errno::EACCES,
+                ..
+            } => {}
+            ref other => panic!("expected a refused page-table write, got {other}"),
+        },
+        other => panic!("expected a crash, got {other}"),
+    }
+    assert!(run.report.stats.exits_of(hv_core::stats::ExitKind::Mmio) >= 3);
+}
+
+#[test]
+fn loading_an_unregistered_cr3_is_detected() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("cr3-bypass", "");
+    let copy = run.int("loading_copy") as u64;
+    assert!(!run.console.contains("bypassed"), "{}", run.console);
+    match &run.report.outcome {
+        Outcome::Crash(r) => assert_eq!(r.reason, CrashReason::Cr3Bypass { cr3: copy }),
+        other => panic!("expected a crash, got {other}"),
+    }
 }

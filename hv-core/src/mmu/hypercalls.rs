@@ -116,7 +116,9 @@ fn mmuext_one(
         }
         MMUEXT_UNPIN_TABLE => {
             let busy = in_use_as_cr3(dom, op.arg1);
-            mmu.unpin(&mut pool, op.arg1, busy)
+            mmu.unpin(&mut pool, op.arg1, busy)?;
+            dom.unpin_gen.fetch_add(1, Ordering::AcqRel);
+            Ok(())
         }
         MMUEXT_NEW_BASEPTR => {
             if !mmu.is_pinned_l4(op.arg1) {

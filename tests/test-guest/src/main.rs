@@ -68,6 +68,8 @@ fn main(si: &'static StartInfo) -> ! {
         b"cpuid" => cpuid_leaves(),
         b"vcpus" => vcpus(si),
         b"mmu" => mmu::run(si),
+        b"trapped-write" => mmu::trapped_write(si),
+        b"cr3-bypass" => mmu::cr3_bypass(si),
         b"cmdline" => {
             let mut c = Console::new();
             c.write_bytes(b"cmdline=");

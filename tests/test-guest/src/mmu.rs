@@ -150,3 +150,44 @@ pub fn run(si: &StartInfo) -> ! {
     }
     poweroff(0)
 }
+
+fn write_pool(gpa: u64, val: u64) {
+    // SAFETY: called with CR0.WP clear: the store reaches the read-only pool memslot and
+    // exits to the hypervisor, which validates it (or ends the domain).
+    unsafe { core::ptr::write_volatile(gpa as *mut u64, val) }
+}
+
+/// Scenario `trapped-write`: direct stores into the pool (CR0.WP clear, so ring 0
+/// ignores the read-only mapping) trap and are handled like `mmu_update`.
+pub fn trapped_write(si: &StartInfo) -> ! {
+    let f = si.pt_pool_gpa + si.nr_pt_frames * PAGE_SIZE;
+    let ram = (si.first_free_gpa + 16 * PAGE_SIZE) & !(PAGE_SIZE - 1);
+    // SAFETY: only this scenario's stores to the pool are affected by WP.
+    unsafe { guest_sdk::arch::write_cr0(guest_sdk::arch::read_cr0() & !guest_sdk::arch::CR0_WP) };
+    write_pool(f, ram | PTE_P | PTE_W);
+    println!("trapped_untyped={:#x}", read(f));
+    println!("pin_l1={}", rc(mmu::pin_table(1, f)));
+    write_pool(f + 8, (ram + PAGE_SIZE) | PTE_P);
+    println!("trapped_valid={:#x}", read(f + 8));
+    println!("about_to_write_bad");
+    // A writable mapping of a page table: refused, and the domain ends.
+    write_pool(f + 16, f | PTE_P | PTE_W);
+    println!("survived_bad_write");
+    poweroff(1)
+}
+
+/// Scenario `cr3-bypass`: load a copy of the boot L4 that lives in RAM (so it was
+/// never registered) straight into CR3; the next exit must end the domain.
+pub fn cr3_bypass(si: &StartInfo) -> ! {
+    let copy = (si.first_free_gpa + 32 * PAGE_SIZE) & !(PAGE_SIZE - 1);
+    for i in 0..512 {
+        let e = read(si.pt_base_gpa + i * 8);
+        // SAFETY: `copy` is a free RAM page, identity-mapped and writable.
+        unsafe { core::ptr::write_volatile((copy + i * 8) as *mut u64, e) };
+    }
+    println!("loading_copy={copy:#x}");
+    // SAFETY: the copy maps exactly what the boot L4 maps, so execution continues.
+    unsafe { core::arch::asm!("mov cr3, {}", in(reg) copy, options(nostack)) };
+    println!("bypassed");
+    poweroff(1)
+}
