@@ -344,6 +344,26 @@ pub fn boot_sregs(mut s: kvm_sregs, cr3: u64) -> kvm_sregs {
     s
 }
 
+/// The same state in ring 3: user code and data selectors with DPL 3.
+pub fn user_mode_sregs(mut s: kvm_sregs) -> kvm_sregs {
+    s.cs = kvm_segment {
+        selector: layout::SEL_USER_CODE,
+        dpl: 3,
+        ..code_segment()
+    };
+    let d = kvm_segment {
+        selector: layout::SEL_USER_DATA,
+        dpl: 3,
+        ..data_segment()
+    };
+    s.ds = d;
+    s.es = d;
+    s.ss = d;
+    s.fs = d;
+    s.gs = d;
+    s
+}
+
 /// Boot general-purpose registers: RIP, RSP and RDI.
 pub fn boot_regs(rip: u64, rsp: u64, rdi: u64) -> kvm_regs {
     kvm_regs {

@@ -13,6 +13,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 
 use crate::boot::{self, BootError, StartInfoParams};
+use crate::coherence::HostPaging;
 use crate::console::{Console, ConsoleSink};
 use crate::loader::{KernelImage, LoadError};
 use crate::memory::{DomainMemory, MemoryError, PoolAccess};
@@ -140,6 +141,16 @@ pub enum VcpuState {
 /// State shared by all vCPU threads of a domain.
 #[derive(Debug)]
 pub struct DomainShared {
+    /// The KVM VM (declared first: dropped before the memory it maps).
+    pub vm: VmFd,
+    /// The pool's memory region, for re-registering it after a zap.
+    pool_region: kvm_userspace_memory_region,
+    /// How this host translates guest page tables.
+    pub host_paging: HostPaging,
+    /// Set while one vCPU needs the others out of the guest (memslot zap).
+    pause_flag: AtomicBool,
+    pause: Mutex<PauseState>,
+    pause_cv: Condvar,
     /// Name.
     pub name: String,
     /// Domain id.
@@ -188,6 +199,14 @@ impl DomainShared {
         if let Ok(_g) = self.vcpu_states.lock() {
             self.vcpu_cv.notify_all();
         }
+        if let Ok(_g) = self.pause.lock() {
+            self.pause_cv.notify_all();
+        }
+        self.kick_others();
+    }
+
+    /// Kicks every running vCPU thread but the caller's out of KVM_RUN.
+    fn kick_others(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         if let Ok(threads) = self.threads.lock() {
@@ -199,10 +218,110 @@ impl DomainShared {
         }
     }
 
+    /// True while a vCPU asked the others to pause (checked before every KVM_RUN).
+    #[inline]
+    pub fn pause_requested(&self) -> bool {
+        self.pause_flag.load(Ordering::Acquire)
+    }
+
+    /// Parks vCPU `id` until the pause is over (or the domain stops).
+    pub fn park(&self, id: u32) {
+        let Ok(mut st) = self.pause.lock() else {
+            return;
+        };
+        if let Some(p) = st.parked.get_mut(id as usize) {
+            *p = true;
+        }
+        self.pause_cv.notify_all();
+        while st.requested && !self.is_stopping() {
+            st = match self.pause_cv.wait(st) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+        if let Some(p) = st.parked.get_mut(id as usize) {
+            *p = false;
+        }
+    }
+
+    /// Runs `f` with every other running vCPU of the domain out of the guest.
+    fn with_others_paused(&self, me: u32, f: impl FnOnce()) {
+        // Take the pause, or wait (parked) for another vCPU's pause to end first.
+        loop {
+            let Ok(mut st) = self.pause.lock() else {
+                return;
+            };
+            if !st.requested {
+                st.requested = true;
+                self.pause_flag.store(true, Ordering::Release);
+                break;
+            }
+            drop(st);
+            self.park(me);
+            if self.is_stopping() {
+                return;
+            }
+        }
+        loop {
+            self.kick_others();
+            let all_parked = {
+                let threads = self.threads.lock().map(|t| t.clone()).unwrap_or_default();
+                let Ok(st) = self.pause.lock() else { break };
+                threads.iter().enumerate().all(|(i, t)| {
+                    i as u32 == me || t.is_none() || st.parked.get(i).copied().unwrap_or(true)
+                })
+            };
+            if all_parked || self.is_stopping() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        f();
+        if let Ok(mut st) = self.pause.lock() {
+            st.requested = false;
+            self.pause_flag.store(false, Ordering::Release);
+            self.pause_cv.notify_all();
+        }
+    }
+
+    /// Makes the page-table changes recorded by the MMU visible to the guest on this
+    /// host (see [`crate::coherence`]). `me` is the calling vCPU.
+    pub fn make_coherent(&self, me: u32) {
+        if self.host_paging == HostPaging::Coherent {
+            if let Ok(mut m) = self.mmu.lock() {
+                m.take_changes();
+            }
+            return;
+        }
+        let changes = match self.mmu.lock() {
+            Ok(mut m) => m.take_changes(),
+            Err(_) => return,
+        };
+        for gpa in &changes.old_l1_targets {
+            crate::coherence::forget_frame(&self.mem, *gpa);
+        }
+        if changes.upper {
+            self.with_others_paused(me, || {
+                let mut gone = self.pool_region;
+                gone.memory_size = 0;
+                // SAFETY: deleting the pool slot and adding it back with the same,
+                // still mapped, memory; the other vCPUs are out of the guest meanwhile.
+                let r = unsafe {
+                    self.vm
+                        .set_user_memory_region(gone)
+                        .and_then(|()| self.vm.set_user_memory_region(self.pool_region))
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "re-registering the page-table pool failed");
+                }
+            });
+        }
+    }
+
     /// A guest write that reached the page-table pool (the pool is a read-only memslot):
     /// validated like one `mmu_update` if the frame is a page table, stored as is if
     /// not. Partial writes are allowed only into frames that are not page tables.
-    pub fn trapped_write(&self, gpa: u64, bytes: &[u8]) -> Result<(), CrashReason> {
+    pub fn trapped_write(&self, vcpu: u32, gpa: u64, bytes: &[u8]) -> Result<(), CrashReason> {
         let refuse = |errno| CrashReason::PageTableWrite {
             gpa,
             size: bytes.len() as u32,
@@ -211,10 +330,12 @@ impl DomainShared {
         let mut mmu = self.mmu.lock().map_err(|_| refuse(hv_abi::Errno::EIO))?;
         if let Ok(b) = <[u8; 8]>::try_from(bytes) {
             if gpa % 8 == 0 {
-                return mmu
-                    .write_entry(&mut PoolAccess(&self.mem), gpa, u64::from_le_bytes(b))
-                    .map(|_| ())
-                    .map_err(refuse);
+                let r = mmu.write_entry(&mut PoolAccess(&self.mem), gpa, u64::from_le_bytes(b));
+                drop(mmu);
+                r.map_err(refuse)?;
+                // A trapped write is its own flush point: there is no hypercall after it.
+                self.make_coherent(vcpu);
+                return Ok(());
             }
         }
         let within_entry = (gpa % 8) as usize + bytes.len() <= 8;
@@ -247,11 +368,16 @@ impl DomainShared {
     }
 }
 
+/// Who asked the vCPUs to pause, and which vCPUs are parked.
+#[derive(Debug, Default)]
+struct PauseState {
+    requested: bool,
+    parked: Vec<bool>,
+}
+
 /// A domain that has been created and not run yet.
 pub struct Domain {
     vcpus: Vec<Vcpu>,
-    // Dropped after the vCPUs and before the memory they use.
-    _vm: VmFd,
     shared: Arc<DomainShared>,
     created_in: Duration,
 }
@@ -321,7 +447,9 @@ impl Domain {
             },
         )?;
 
+        let host_paging = crate::coherence::host_paging(kvm);
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let mut pool_region = kvm_userspace_memory_region::default();
         let regions = [
             (SLOT_RAM, 0u32, 0u64, mem.ram_bytes()),
             (
@@ -339,8 +467,12 @@ impl Domain {
                 memory_size: size,
                 userspace_addr: mem.host_address(gpa)?,
             };
+            if slot == SLOT_POOL {
+                pool_region = region;
+            }
             // SAFETY: the region is mapped by `mem` for its whole size and stays mapped
-            // until after the VM is destroyed (Domain drops the VM before the memory).
+            // until after the VM is destroyed (DomainShared drops the VM before the
+            // memory).
             unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("set memory region"))?;
         }
 
@@ -363,6 +495,15 @@ impl Domain {
         let mut states = vec![VcpuState::Down; config.vcpus as usize];
         states[0] = VcpuState::Up(VcpuContext::default());
         let shared = Arc::new(DomainShared {
+            vm,
+            pool_region,
+            host_paging,
+            pause_flag: AtomicBool::new(false),
+            pause: Mutex::new(PauseState {
+                requested: false,
+                parked: vec![false; config.vcpus as usize],
+            }),
+            pause_cv: Condvar::new(),
             name: config.name,
             domid: config.domid,
             mem,
@@ -384,7 +525,6 @@ impl Domain {
         tracing::debug!(vcpus = shared.nr_vcpus, pool_frames, "domain created");
         Ok(Domain {
             vcpus,
-            _vm: vm,
             shared,
             created_in: t0.elapsed(),
         })

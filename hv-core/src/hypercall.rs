@@ -63,10 +63,11 @@ pub fn dispatch(
     }
     let [a1, a2, a3, _a4, _a5] = call.args;
     match Op::from_u64(call.op) {
-        Some(Op::MmuUpdate) => ret(mmu::mmu_update(dom, a1, a2, a3)),
-        Some(Op::MmuextOp) => ret(mmu::mmuext_op(dom, vcpu, a1, a2, a3, effects)),
+        Some(Op::MmuUpdate) => coherent(dom, vcpu, mmu::mmu_update(dom, a1, a2, a3)),
+        Some(Op::MmuextOp) => coherent(dom, vcpu, mmu::mmuext_op(dom, vcpu, a1, a2, a3, effects)),
         Some(Op::UpdateVaMapping) => {
-            ret(mmu::update_va_mapping(dom, call.cr3, a1, a2, a3, effects))
+            let r = mmu::update_va_mapping(dom, call.cr3, a1, a2, a3, effects);
+            coherent(dom, vcpu, r)
         }
         Some(Op::Multicall) => multicall(dom, vcpu, call, a1, a2, effects),
         Some(Op::Version) => ret(version(dom, a1)),
@@ -76,6 +77,13 @@ pub fn dispatch(
         // Specified in ABI v1, implemented by later features.
         Some(_) | None => ret(Err(Errno::ENOSYS)),
     }
+}
+
+/// Returns from a page-table hypercall once its changes are visible (even a failed
+/// batch may have applied some requests).
+fn coherent(dom: &DomainShared, vcpu: u32, r: HcResult) -> Disposition {
+    dom.make_coherent(vcpu);
+    ret(r)
 }
 
 fn version(dom: &DomainShared, cmd: u64) -> HcResult {

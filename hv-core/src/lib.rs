@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod boot;
 pub mod cli;
+pub mod coherence;
 pub mod console;
 pub mod cpuid;
 pub mod domain;

@@ -179,6 +179,13 @@ impl DomainMemory {
         self.write_ram(gpa, v.as_bytes())
     }
 
+    /// Reads anywhere in the domain's memory (RAM or pool): host-side use only.
+    pub fn guest_memory_read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| e.to_string())
+    }
+
     /// Writes anywhere in the domain's memory (RAM or pool): host-side set-up only.
     pub fn write_any(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
         let len = buf.len() as u64;

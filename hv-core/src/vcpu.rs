@@ -191,6 +191,9 @@ impl Vcpu {
 
     fn run_loop(&mut self, dom: &DomainShared) {
         loop {
+            if dom.pause_requested() {
+                dom.park(self.id);
+            }
             if dom.is_stopping() {
                 return;
             }
@@ -199,7 +202,7 @@ impl Vcpu {
             let next = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, _)) if port == HYPERCALL_PORT => Next::Hypercall,
                 Ok(VcpuExit::MmioWrite(gpa, data)) if dom.in_pool(gpa) => {
-                    match dom.trapped_write(gpa, data) {
+                    match dom.trapped_write(self.id, gpa, data) {
                         Ok(()) => Next::Resume(ExitKind::Mmio),
                         Err(reason) => Next::Fatal(ExitKind::Mmio, reason),
                     }

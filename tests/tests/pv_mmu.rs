@@ -108,3 +108,23 @@ fn loading_an_unregistered_cr3_is_detected() {
         other => panic!("expected a crash, got {other}"),
     }
 }
+
+#[test]
+fn ring3_sees_a_changed_mapping_after_update_va_mapping() {
+    if !kvm_available() {
+        return;
+    }
+    // Ring 3 reads a page, ring 0 remaps its virtual address to another frame with
+    // update_va_mapping(UVMF_INVLPG), ring 3 reads again. On hosts with shadow paging
+    // this needs the hypervisor's remedy (without it the second read is stale).
+    let run = scenario("ring3-remap", "");
+    assert!(
+        matches!(run.report.outcome, Outcome::Poweroff { code: 0 }),
+        "{}\n{}",
+        run.report.outcome,
+        run.console
+    );
+    assert_eq!(run.int("r3_before"), 0xAAAA_0001, "{}", run.console);
+    assert_eq!(run.int("remap_ok"), 1);
+    assert_eq!(run.int("r3_after"), 0xBBBB_0002, "{}", run.console);
+}

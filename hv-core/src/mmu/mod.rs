@@ -20,6 +20,7 @@
 pub mod hypercalls;
 pub mod rules;
 
+use hv_abi::mmu::PTE_P;
 use hv_abi::{Errno, PAGE_SIZE};
 
 pub use rules::{Layout, Target};
@@ -45,11 +46,22 @@ pub struct FrameInfo {
     pub writable_maps: u32,
 }
 
+/// Changes to present entries since the last [`Mmu::take_changes`]: what a host with
+/// shadow page tables must be told about (see [`crate::coherence`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Frames that present L1 entries mapped before they were changed or removed.
+    pub old_l1_targets: Vec<u64>,
+    /// A present L2-L4 entry was changed or removed.
+    pub upper: bool,
+}
+
 /// The frame table and validator of one domain.
 #[derive(Clone, Debug)]
 pub struct Mmu {
     layout: Layout,
     frames: Vec<FrameInfo>,
+    changes: Changes,
 }
 
 impl Mmu {
@@ -58,7 +70,13 @@ impl Mmu {
         Mmu {
             frames: vec![FrameInfo::default(); layout.pool_frames as usize],
             layout,
+            changes: Changes::default(),
         }
+    }
+
+    /// Takes the record of present entries changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
     }
 
     /// The layout.
@@ -190,8 +208,19 @@ impl Mmu {
             .layout
             .check_entry(level, slot, old)
             .unwrap_or(Target::NotPresent);
-        mem.write_pte(gpa, rules::with_accessed(level, val));
+        let stored = rules::with_accessed(level, val);
+        mem.write_pte(gpa, stored);
         self.put_ref(mem, old_target);
+        if old & PTE_P != 0 && old != stored {
+            if level == 1 {
+                let frame = old & hv_abi::mmu::PTE_ADDR_MASK;
+                if !self.changes.old_l1_targets.contains(&frame) {
+                    self.changes.old_l1_targets.push(frame);
+                }
+            } else {
+                self.changes.upper = true;
+            }
+        }
         Ok((level, old))
     }
 

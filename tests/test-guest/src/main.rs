@@ -69,6 +69,7 @@ fn main(si: &'static StartInfo) -> ! {
         b"vcpus" => vcpus(si),
         b"mmu" => mmu::run(si),
         b"trapped-write" => mmu::trapped_write(si),
+        b"ring3-remap" => ring3_remap(si),
         b"cr3-bypass" => mmu::cr3_bypass(si),
         b"cmdline" => {
             let mut c = Console::new();
@@ -239,6 +240,10 @@ extern "C" {
     fn tg_user_out();
     /// The `ud2` through which ring 3 reports, after storing into `CPL3_RESULT`.
     fn tg_user_report();
+    /// Ring-3 code: reads the u64 at `R3_ADDR` into `R3_VALUE`, then `ud2`.
+    fn tg_r3_read();
+    /// The `ud2` of `tg_r3_read`.
+    fn tg_r3_read_ud();
     /// #UD gate: calls `fault_handler(6, rip, 0, cr2, cs, rflags)`.
     fn tg_ud_stub();
     /// #GP gate: calls `fault_handler(13, rip, error, cr2, cs, rflags)`.
@@ -265,6 +270,17 @@ core::arch::global_asm!(
     "    ud2",
     "2:  pause",
     "    jmp 2b",
+    // Ring 3: read the u64 at the address in R3_ADDR, store it in R3_VALUE, report.
+    ".global tg_r3_read",
+    "tg_r3_read:",
+    "    mov rax, [rip + {r3_addr}]",
+    "    mov rax, [rax]",
+    "    mov [rip + {r3_value}], rax",
+    ".global tg_r3_read_ud",
+    "tg_r3_read_ud:",
+    "    ud2",
+    "4:  pause",
+    "    jmp 4b",
     // Ring 0 gates. The handler never returns, so the frame is simply abandoned.
     ".global tg_ud_stub",
     "tg_ud_stub:",
@@ -291,6 +307,8 @@ core::arch::global_asm!(
     op_version = const Op::Version as u64,
     port = const HYPERCALL_PORT,
     result = sym CPL3_RESULT,
+    r3_addr = sym R3_ADDR,
+    r3_value = sym R3_VALUE,
     fault = sym fault_handler,
 );
 
@@ -308,6 +326,9 @@ extern "C" fn fault_handler(
     cs: u64,
     rflags: u64,
 ) -> ! {
+    if vector == 6 && cs & 3 == 3 && rip == tg_r3_read_ud as *const () as u64 {
+        ring3_remap_next()
+    }
     if vector == 6 && cs & 3 == 3 && rip == tg_user_report as *const () as u64 {
         let value = CPL3_RESULT.load(Ordering::SeqCst);
         println!("cpl3_version={}", value as i64);
@@ -325,6 +346,82 @@ extern "C" fn fault_handler(
          fault_rflags={rflags:#x}"
     );
     guest_sdk::crash()
+}
+
+/// Loads the test IDT: #UD, #GP and #PF gates into `fault_handler`.
+fn load_test_idt() {
+    let table = IDT.0.get();
+    // SAFETY: the IDT is written before it is loaded, and only by this function.
+    unsafe {
+        let t = &mut *table;
+        t[6] = IdtEntry::interrupt_gate(tg_ud_stub as *const () as u64, 0);
+        t[13] = IdtEntry::interrupt_gate(tg_gp_stub as *const () as u64, 0);
+        t[14] = IdtEntry::interrupt_gate(tg_pf_stub as *const () as u64, 0);
+    }
+    let idtr = DescriptorTablePointer {
+        limit: (core::mem::size_of::<[IdtEntry; 256]>() - 1) as u16,
+        base: guest_sdk::virt_to_phys(table),
+    };
+    // SAFETY: the table is static and its gates point at the stubs above.
+    unsafe { arch::load_idt(&idtr) };
+}
+
+// ---------------------------------------------------------------------------------
+// ring3-remap: ring 3 reads a page, ring 0 remaps it with update_va_mapping, ring 3
+// must read the new frame (page-table coherence, SPEC 8.5.7).
+
+/// The virtual address ring 3 reads.
+static R3_ADDR: AtomicU64 = AtomicU64::new(0);
+/// What ring 3 read last.
+static R3_VALUE: AtomicU64 = AtomicU64::new(0);
+/// The frame the address is remapped to.
+static R3_NEW_FRAME: AtomicU64 = AtomicU64::new(0);
+/// How many ring-3 reads have been reported.
+static R3_STAGE: AtomicU64 = AtomicU64::new(0);
+
+fn enter_ring3_read() -> ! {
+    // SAFETY: `tg_r3_read` is user-accessible code (boot identity map, U set) that only
+    // reads R3_ADDR's target and reports through #UD, whose gate is loaded.
+    unsafe {
+        arch::enter_user(
+            tg_r3_read as *const () as u64,
+            USER_STACK.top(),
+            arch::RFLAGS_RESERVED,
+        )
+    }
+}
+
+fn ring3_remap(si: &StartInfo) -> ! {
+    let x = (si.first_free_gpa + 48 * PAGE_SIZE) & !(PAGE_SIZE - 1);
+    let b = x + PAGE_SIZE;
+    // SAFETY: two free RAM pages, identity-mapped and writable.
+    unsafe {
+        core::ptr::write_volatile(x as *mut u64, 0xAAAA_0001);
+        core::ptr::write_volatile(b as *mut u64, 0xBBBB_0002);
+    }
+    R3_ADDR.store(x, Ordering::SeqCst);
+    R3_NEW_FRAME.store(b, Ordering::SeqCst);
+    load_test_idt();
+    enter_ring3_read()
+}
+
+/// Called (in ring 0, from the #UD handler) after each ring-3 read.
+fn ring3_remap_next() -> ! {
+    use guest_sdk::hv_abi::mmu::{PTE_P, PTE_U, PTE_W, UVMF_INVLPG};
+    let stage = R3_STAGE.fetch_add(1, Ordering::SeqCst);
+    let value = R3_VALUE.load(Ordering::SeqCst);
+    if stage == 0 {
+        println!("r3_before={value:#x}");
+        let x = R3_ADDR.load(Ordering::SeqCst);
+        let b = R3_NEW_FRAME.load(Ordering::SeqCst);
+        // SAFETY: only ring 3 uses this page, and it is stopped.
+        let r =
+            unsafe { guest_sdk::mmu::update_va_mapping(x, b | PTE_P | PTE_W | PTE_U, UVMF_INVLPG) };
+        println!("remap_ok={}", u8::from(r.is_ok()));
+        enter_ring3_read()
+    }
+    println!("r3_after={value:#x}");
+    poweroff(0)
 }
 
 fn cpl3() -> ! {
