@@ -128,3 +128,24 @@ fn ring3_sees_a_changed_mapping_after_update_va_mapping() {
     assert_eq!(run.int("remap_ok"), 1);
     assert_eq!(run.int("r3_after"), 0xBBBB_0002, "{}", run.console);
 }
+
+#[test]
+fn ring3_sees_an_upper_level_change() {
+    if !kvm_available() {
+        return;
+    }
+    // Same, but the guest builds a new L1 table in the pool (one 512-entry batch) and
+    // points the L2 entry at it: an upper-level change, which on shadow-paging hosts
+    // needs the pool memslot zapped (without it the second read is stale).
+    let run = scenario("ring3-remap-l2", "");
+    assert!(
+        matches!(run.report.outcome, Outcome::Poweroff { code: 0 }),
+        "{}\n{}",
+        run.report.outcome,
+        run.console
+    );
+    assert_eq!(run.int("r3_before"), 0xAAAA_0001, "{}", run.console);
+    assert_eq!(run.int("remap_ok"), 1, "{}", run.console);
+    assert_eq!(run.int("r3_after"), 0xBBBB_0002, "{}", run.console);
+    assert_eq!(run.report.stats.op(Op::MmuUpdate).count, 2);
+}

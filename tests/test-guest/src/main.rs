@@ -69,7 +69,8 @@ fn main(si: &'static StartInfo) -> ! {
         b"vcpus" => vcpus(si),
         b"mmu" => mmu::run(si),
         b"trapped-write" => mmu::trapped_write(si),
-        b"ring3-remap" => ring3_remap(si),
+        b"ring3-remap" => ring3_remap(si, 0),
+        b"ring3-remap-l2" => ring3_remap(si, 1),
         b"cr3-bypass" => mmu::cr3_bypass(si),
         b"cmdline" => {
             let mut c = Console::new();
@@ -378,6 +379,46 @@ static R3_VALUE: AtomicU64 = AtomicU64::new(0);
 static R3_NEW_FRAME: AtomicU64 = AtomicU64::new(0);
 /// How many ring-3 reads have been reported.
 static R3_STAGE: AtomicU64 = AtomicU64::new(0);
+/// 0: remap with update_va_mapping; 1: swap the L2 entry for a new L1 table.
+static R3_MODE: AtomicU64 = AtomicU64::new(0);
+/// A free page-table pool frame (mode 1).
+static R3_FREE_FRAME: AtomicU64 = AtomicU64::new(0);
+
+/// Mode 1: copy the L1 table that maps `x` into a free pool frame with `x` now mapping
+/// `b`, then point the L2 entry at the copy (an upper-level change).
+fn swap_l2(x: u64, b: u64) -> bool {
+    use guest_sdk::hv_abi::mmu::{MmuUpdate, PTE_ADDR_MASK};
+    let rd = |gpa: u64| {
+        // SAFETY: page tables are readable (pool mapped read-only, identity).
+        unsafe { core::ptr::read_volatile(gpa as *const u64) }
+    };
+    let mut table = arch::read_cr3() & PTE_ADDR_MASK;
+    for shift in [39u32, 30] {
+        table = rd(table + ((x >> shift) & 511) * 8) & PTE_ADDR_MASK;
+    }
+    let l2e = table + ((x >> 21) & 511) * 8;
+    let l1 = rd(l2e) & PTE_ADDR_MASK;
+    let f = R3_FREE_FRAME.load(Ordering::SeqCst);
+    let mut reqs = [MmuUpdate::default(); 512];
+    for (i, r) in reqs.iter_mut().enumerate() {
+        *r = MmuUpdate {
+            ptr: f + i as u64 * 8,
+            val: rd(l1 + i as u64 * 8),
+        };
+    }
+    let i = ((x >> 12) & 511) as usize;
+    reqs[i].val = b | (reqs[i].val & 0xFFF);
+    // SAFETY: the copy maps what the old L1 mapped, except x, which only ring 3 uses.
+    unsafe {
+        guest_sdk::mmu::mmu_update(&reqs).1.is_ok()
+            && guest_sdk::mmu::mmu_update(&[MmuUpdate {
+                ptr: l2e,
+                val: f | (rd(l2e) & 0xFFF),
+            }])
+            .1
+            .is_ok()
+    }
+}
 
 fn enter_ring3_read() -> ! {
     // SAFETY: `tg_r3_read` is user-accessible code (boot identity map, U set) that only
@@ -391,7 +432,12 @@ fn enter_ring3_read() -> ! {
     }
 }
 
-fn ring3_remap(si: &StartInfo) -> ! {
+fn ring3_remap(si: &StartInfo, mode: u64) -> ! {
+    R3_MODE.store(mode, Ordering::SeqCst);
+    R3_FREE_FRAME.store(
+        si.pt_pool_gpa + si.nr_pt_frames * PAGE_SIZE,
+        Ordering::SeqCst,
+    );
     let x = (si.first_free_gpa + 48 * PAGE_SIZE) & !(PAGE_SIZE - 1);
     let b = x + PAGE_SIZE;
     // SAFETY: two free RAM pages, identity-mapped and writable.
@@ -414,10 +460,14 @@ fn ring3_remap_next() -> ! {
         println!("r3_before={value:#x}");
         let x = R3_ADDR.load(Ordering::SeqCst);
         let b = R3_NEW_FRAME.load(Ordering::SeqCst);
-        // SAFETY: only ring 3 uses this page, and it is stopped.
-        let r =
-            unsafe { guest_sdk::mmu::update_va_mapping(x, b | PTE_P | PTE_W | PTE_U, UVMF_INVLPG) };
-        println!("remap_ok={}", u8::from(r.is_ok()));
+        let ok = if R3_MODE.load(Ordering::SeqCst) == 1 {
+            swap_l2(x, b)
+        } else {
+            let val = b | PTE_P | PTE_W | PTE_U;
+            // SAFETY: only ring 3 uses this page, and it is stopped.
+            unsafe { guest_sdk::mmu::update_va_mapping(x, val, UVMF_INVLPG) }.is_ok()
+        };
+        println!("remap_ok={}", u8::from(ok));
         enter_ring3_read()
     }
     println!("r3_after={value:#x}");
