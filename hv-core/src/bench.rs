@@ -7,6 +7,8 @@
 //! | `null_hypercall` | ns per `version` hypercall through the full hv path, same guest loop | `exit_floor` |
 //! | `kvm_create_floor` | ms to create a bare VM + vCPU with the same RAM and run to its first exit (real mode) | - |
 //! | `domain_boot` | ms to create an hv domain, run to its first hypercall and shut down | `kvm_create_floor` |
+//! | `mmu_trapped_write` | ns per PTE rewritten by direct stores into a pinned L1 (an exit each) | - |
+//! | `mmu_batch_512` | ns per PTE rewritten by one prepared 512-entry `mmu_update`, resubmitted | `mmu_trapped_write` |
 
 use std::time::{Duration, Instant};
 
@@ -27,11 +29,13 @@ use crate::outcome::Outcome;
 pub const BENCH_MEM: u64 = 64 << 20;
 
 /// Names of all benchmarks, in run order.
-pub const ALL: [&str; 4] = [
+pub const ALL: [&str; 6] = [
     "exit_floor",
     "null_hypercall",
     "kvm_create_floor",
     "domain_boot",
+    "mmu_trapped_write",
+    "mmu_batch_512",
 ];
 
 /// A benchmark failed or was unknown.
@@ -126,6 +130,20 @@ pub fn run(names: &[String]) -> Result<Vec<BenchResult>, BenchError> {
             out.push(row("domain_boot", median(hv), "ms", f));
         }
     }
+    if want("mmu_trapped_write") || want("mmu_batch_512") {
+        let (mut trapped, mut batch) = (Vec::new(), Vec::new());
+        for _ in 0..REPS {
+            trapped.push(mmu_trapped_write_once(&kvm)?);
+            if want("mmu_batch_512") {
+                batch.push(mmu_batch_512_once(&kvm)?);
+            }
+        }
+        out.push(row("mmu_trapped_write", median(trapped), "ns/PTE", None));
+        if want("mmu_batch_512") {
+            let f = floor_of(&out, "mmu_trapped_write").map(|f| ("mmu_trapped_write", f));
+            out.push(row("mmu_batch_512", median(batch), "ns/PTE", f));
+        }
+    }
     Ok(out)
 }
 
@@ -157,7 +175,7 @@ pub fn to_table(results: &[BenchResult]) -> String {
             r.value,
             r.unit,
             r.vs.as_deref().unwrap_or("-"),
-            r.ratio.map_or("-".into(), |x| format!("{x:.3}x"))
+            r.ratio.map_or("-".into(), |x| format!("{x:.4}x"))
         );
     }
     s
@@ -368,4 +386,107 @@ pub fn kvm_create_floor_once(kvm: &Kvm) -> Result<f64, BenchError> {
 /// ms to create an hv domain, run it to its first hypercall and shut it down.
 pub fn domain_boot_once(kvm: &Kvm) -> Result<f64, BenchError> {
     Ok(run_hv(kvm, &boot_probe_code())?.as_secs_f64() * 1e3)
+}
+
+/// Where the MMU benchmarks put their data in guest RAM: the L1 table's address at
+/// `MMU_HDR`, the 512 prepared requests at `MMU_REQS`.
+const MMU_HDR: u64 = 0x30_0000;
+const MMU_REQS: u64 = 0x30_1000;
+/// The virtual range whose L1 table the benchmarks rewrite (identity-mapped RAM).
+const MMU_VA: u64 = 0x40_0000;
+
+/// Guest code: `n` calls of `mmu_update(MMU_REQS, 512, 0)`, then shutdown.
+fn batch_code(n: u64) -> Vec<u8> {
+    let mut c = vec![0x48, 0xB9];
+    c.extend_from_slice(&n.to_le_bytes());
+    c.push(0xB8); // mov eax, mmu_update
+    c.extend_from_slice(&(Op::MmuUpdate as u32).to_le_bytes());
+    c.push(0xBF); // mov edi, MMU_REQS
+    c.extend_from_slice(&(MMU_REQS as u32).to_le_bytes());
+    c.push(0xBE); // mov esi, 512
+    c.extend_from_slice(&512u32.to_le_bytes());
+    c.extend_from_slice(&[0x31, 0xD2]); // xor edx, edx
+    c.extend_from_slice(&[0xE6, hv_abi::hypercall::HYPERCALL_PORT as u8]);
+    c.extend_from_slice(&[0x48, 0xFF, 0xC9]); // dec rcx
+    c.extend_from_slice(&[0x75, 0xE8]); // jnz loop (-24)
+    c.extend_from_slice(&shutdown_code());
+    c
+}
+
+/// Guest code: clear CR0.WP, then `n` direct stores of each L1 entry's own value into
+/// the L1 table (each one traps), then shutdown.
+fn trapped_code(n: u64) -> Vec<u8> {
+    let mut c = vec![
+        0x0F, 0x20, 0xC0, // mov rax, cr0
+        0x25, 0xFF, 0xFF, 0xFE, 0xFF, // and eax, ~CR0.WP
+        0x0F, 0x22, 0xC0, // mov cr0, rax
+        0x48, 0xB9, // mov rcx, n
+    ];
+    c.extend_from_slice(&n.to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x8B, 0x34, 0x25]); // mov rsi, [MMU_HDR]
+    c.extend_from_slice(&(MMU_HDR as u32).to_le_bytes());
+    c.extend_from_slice(&[0x31, 0xDB]); // xor ebx, ebx
+    c.extend_from_slice(&[
+        0x48, 0x8B, 0x14, 0x1E, // loop: mov rdx, [rsi + rbx]
+        0x48, 0x89, 0x14, 0x1E, // mov [rsi + rbx], rdx   (traps)
+        0x83, 0xC3, 0x08, // add ebx, 8
+        0x81, 0xE3, 0xFF, 0x0F, 0x00, 0x00, // and ebx, 0xfff
+        0x48, 0xFF, 0xC9, // dec rcx
+        0x75, 0xEA, // jnz loop (-22)
+    ]);
+    c.extend_from_slice(&shutdown_code());
+    c
+}
+
+/// Runs `code` in a domain whose RAM holds the address of the L1 table mapping
+/// `MMU_VA` and 512 requests rewriting that table's entries with their own values.
+fn run_mmu(kvm: &Kvm, code: &[u8]) -> Result<Duration, BenchError> {
+    let t0 = Instant::now();
+    let image = KernelImage::from_code(layout::KERNEL_MIN_GPA, code);
+    let dom = Domain::create(kvm, bench_config(), &image)?;
+    let mem = &dom.shared().mem;
+    let rd = |gpa: u64| -> Result<u64, BenchError> {
+        let mut b = [0u8; 8];
+        mem.guest_memory_read(gpa, &mut b)
+            .map_err(BenchError::Guest)?;
+        Ok(u64::from_le_bytes(b))
+    };
+    let mut table = dom.shared().vcpu_cr3[0].load(std::sync::atomic::Ordering::Acquire);
+    for shift in [39u32, 30, 21] {
+        table = rd(table + ((MMU_VA >> shift) & 511) * 8)? & hv_abi::mmu::PTE_ADDR_MASK;
+    }
+    let mut reqs = Vec::with_capacity(512 * 16);
+    for i in 0..512 {
+        let ptr = table + i * 8;
+        reqs.extend_from_slice(&ptr.to_le_bytes());
+        reqs.extend_from_slice(&rd(ptr)?.to_le_bytes());
+    }
+    let w = |gpa, b: &[u8]| mem.write_ram(gpa, b).map_err(DomainError::from);
+    w(MMU_HDR, &table.to_le_bytes())?;
+    w(MMU_REQS, &reqs)?;
+    let report = dom.run()?;
+    let t = t0.elapsed();
+    match report.outcome {
+        Outcome::Poweroff { code: 0 } => Ok(t),
+        other => Err(BenchError::Guest(other.to_string())),
+    }
+}
+
+const TRAPPED_SHORT: u64 = 200;
+const TRAPPED_LONG: u64 = 2_200;
+const BATCH_SHORT: u64 = 20;
+const BATCH_LONG: u64 = 220;
+
+/// ns per PTE written by direct stores into a pinned L1 (one trapped exit each).
+pub fn mmu_trapped_write_once(kvm: &Kvm) -> Result<f64, BenchError> {
+    let a = run_mmu(kvm, &trapped_code(TRAPPED_SHORT))?;
+    let b = run_mmu(kvm, &trapped_code(TRAPPED_LONG))?;
+    Ok((b.as_secs_f64() - a.as_secs_f64()) * 1e9 / (TRAPPED_LONG - TRAPPED_SHORT) as f64)
+}
+
+/// ns per PTE written by resubmitting one prepared 512-entry `mmu_update`.
+pub fn mmu_batch_512_once(kvm: &Kvm) -> Result<f64, BenchError> {
+    let a = run_mmu(kvm, &batch_code(BATCH_SHORT))?;
+    let b = run_mmu(kvm, &batch_code(BATCH_LONG))?;
+    Ok((b.as_secs_f64() - a.as_secs_f64()) * 1e9 / ((BATCH_LONG - BATCH_SHORT) * 512) as f64)
 }

@@ -46,7 +46,7 @@ enum Command {
     /// Run benchmarks on real KVM.
     Bench {
         /// Benchmarks to run (all if none): exit_floor, null_hypercall, kvm_create_floor,
-        /// domain_boot.
+        /// domain_boot, mmu_trapped_write, mmu_batch_512.
         names: Vec<String>,
         /// Print one JSON object instead of a table.
         #[arg(long)]

@@ -132,7 +132,7 @@ fn version_and_help() {
 }
 
 #[test]
-fn bench_json_reports_four_results_with_ratios() {
+fn bench_json_reports_every_result_with_ratios() {
     if !kvm_available() {
         return;
     }
@@ -150,7 +150,9 @@ fn bench_json_reports_four_results_with_ratios() {
             "exit_floor",
             "null_hypercall",
             "kvm_create_floor",
-            "domain_boot"
+            "domain_boot",
+            "mmu_trapped_write",
+            "mmu_batch_512"
         ]
     );
     for r in results {
@@ -163,5 +165,6 @@ fn bench_json_reports_four_results_with_ratios() {
     let expect = nh["value"].as_f64().unwrap() / by("exit_floor")["value"].as_f64().unwrap();
     assert!((nh["ratio"].as_f64().unwrap() - expect).abs() < 1e-9);
     assert_eq!(by("domain_boot")["vs"], "kvm_create_floor");
+    assert_eq!(by("mmu_batch_512")["vs"], "mmu_trapped_write");
     assert!(by("exit_floor")["vs"].is_null());
 }
