@@ -293,10 +293,12 @@ impl DomainShared {
             }
             return;
         }
-        let changes = match self.mmu.lock() {
+        let mut changes = match self.mmu.lock() {
             Ok(mut m) => m.take_changes(),
             Err(_) => return,
         };
+        changes.old_l1_targets.sort_unstable();
+        changes.old_l1_targets.dedup();
         for gpa in &changes.old_l1_targets {
             crate::coherence::forget_frame(&self.mem, *gpa);
         }

@@ -213,10 +213,10 @@ impl Mmu {
         self.put_ref(mem, old_target);
         if old & PTE_P != 0 && old != stored {
             if level == 1 {
-                let frame = old & hv_abi::mmu::PTE_ADDR_MASK;
-                if !self.changes.old_l1_targets.contains(&frame) {
-                    self.changes.old_l1_targets.push(frame);
-                }
+                // Duplicates are removed when the changes are applied.
+                self.changes
+                    .old_l1_targets
+                    .push(old & hv_abi::mmu::PTE_ADDR_MASK);
             } else {
                 self.changes.upper = true;
             }
