@@ -3,6 +3,9 @@
 
 fn main() {
     println!("cargo:rerun-if-env-changed=HV_DEMO_KERNEL");
+    if std::env::var_os("CARGO_FEATURE_DEMO_KERNEL").is_none() {
+        return;
+    }
     let elf = match std::env::var("HV_DEMO_KERNEL") {
         Ok(p) if !p.is_empty() => std::path::PathBuf::from(p),
         _ => {

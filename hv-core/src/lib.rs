@@ -26,4 +26,8 @@ pub use loader::{KernelImage, LoadError};
 pub use outcome::{CrashReason, CrashReport, Outcome};
 
 /// The demo kernel, built for x86_64-unknown-none and embedded at build time.
+#[cfg(feature = "demo-kernel")]
 pub static DEMO_KERNEL: &[u8] = include_bytes!(env!("HV_DEMO_KERNEL"));
+/// Empty: this build of hv-core was made without the `demo-kernel` feature.
+#[cfg(not(feature = "demo-kernel"))]
+pub static DEMO_KERNEL: &[u8] = &[];
