@@ -1,5 +1,5 @@
-//! hv demo kernel: boots through the SDK, prints what the hypervisor told it, and
-//! powers off.
+//! hv demo kernel: boots through the SDK, prints what the hypervisor told it, shows
+//! the PV MMU (its own address space, a ring-3 task, a remap), and powers off.
 //!
 //! Command line (space-separated words):
 //! * `exit=N`: power off with exit code `N` (0 to 99; anything else is reported and
@@ -8,10 +8,15 @@
 #![no_std]
 #![no_main]
 
+mod pv_mmu;
+
 use guest_sdk::hv_abi::start_info::StartInfo;
 use guest_sdk::{cmdline, println, Features, ABI_MAJOR, ABI_MINOR};
 
-guest_sdk::entry!(main, Features::CONSOLE_IO | Features::SCHED);
+guest_sdk::entry!(
+    main,
+    Features::CONSOLE_IO | Features::SCHED | Features::PV_MMU
+);
 guest_sdk::panic_handler!();
 
 /// Writes `bits` as `0x<hex> (name|name)` with the names hv-abi knows.
@@ -74,6 +79,10 @@ fn main(si: &'static StartInfo) -> ! {
         si.shared_info_gpa,
         printable(cmd)
     );
+
+    if let Err(what) = pv_mmu::show(si) {
+        panic!("demo: PV MMU part failed: {what}");
+    }
 
     if cmdline::has_flag(cmd, b"panic") {
         panic!("demo: panic requested on the command line");

@@ -53,6 +53,7 @@ mod macros;
 pub mod mmu;
 pub mod ops;
 pub mod panic;
+pub mod user;
 
 #[doc(hidden)]
 pub use macros::__features_bits;

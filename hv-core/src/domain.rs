@@ -23,8 +23,12 @@ use crate::stats::ExitStats;
 use crate::vcpu::{self, Vcpu};
 
 /// The ABI features this build of hv implements.
-pub const FEATURES: Features =
-    Features(Features::CONSOLE_IO.bits() | Features::SCHED.bits() | Features::VCPU_OP.bits());
+pub const FEATURES: Features = Features(
+    Features::CONSOLE_IO.bits()
+        | Features::SCHED.bits()
+        | Features::VCPU_OP.bits()
+        | Features::PV_MMU.bits(),
+);
 
 /// Default RAM size.
 pub const DEFAULT_MEM_BYTES: u64 = 64 << 20;

@@ -26,6 +26,7 @@ fn demo_prints_its_banner_and_exits_zero() {
         return;
     }
     let run = run_elf(tests::demo_kernel(), DomainConfig::default()).expect("demo runs");
+    let stats = &run.report.stats;
     assert_eq!(
         poweroff(&run.report.outcome),
         0,
@@ -44,7 +45,6 @@ fn demo_prints_its_banner_and_exits_zero() {
         "start_info memory shown:\n{}",
         run.console
     );
-    let stats = &run.report.stats;
     assert!(stats.op(Op::ConsoleIo).count >= 3);
     assert!(
         stats.op(Op::Version).count >= 2,

@@ -1,0 +1,172 @@
+//! Running code in ring 3 and getting control back when it traps.
+//!
+//! [`install`] loads an IDT whose 32 exception vectors all lead back into [`run_user`]'s
+//! caller, and points the TSS's RSP0 at a dedicated exception stack. [`run_user`]
+//! enters ring 3 at a given RIP and RSP (interrupts off) and returns a [`UserExit`]
+//! when ring 3 raises any exception: a ring-3 task "calls" the kernel with `ud2`, for
+//! example (software interrupts from ring 3 are not delivered on every KVM host).
+//!
+//! Single vCPU: the saved kernel context and the exit record are global.
+
+use core::cell::UnsafeCell;
+
+use hv_abi::layout::TSS_GPA;
+
+use crate::arch::{self, DescriptorTablePointer, IdtEntry};
+
+/// Why ring 3 stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct UserExit {
+    /// Exception vector (6 for `ud2`, 13 for #GP, 14 for #PF, ...).
+    pub vector: u64,
+    /// Error code (0 for vectors without one).
+    pub error: u64,
+    /// RIP of the faulting instruction.
+    pub rip: u64,
+    /// CR2 (the faulting address for #PF).
+    pub cr2: u64,
+    /// CS at the exception: its low two bits are the privilege level that trapped.
+    pub cs: u64,
+}
+
+struct Global<T>(UnsafeCell<T>);
+// SAFETY: single-vCPU use only (documented above); the CPU is the other writer.
+unsafe impl<T> Sync for Global<T> {}
+
+#[no_mangle]
+static HV_USER_KERNEL_RSP: Global<u64> = Global(UnsafeCell::new(0));
+#[no_mangle]
+static HV_USER_EXIT: Global<UserExit> = Global(UnsafeCell::new(UserExit {
+    vector: 0,
+    error: 0,
+    rip: 0,
+    cr2: 0,
+    cs: 0,
+}));
+
+extern "C" {
+    static hv_user_trap_table: [u64; 32];
+    fn hv_run_user(rip: u64, rsp: u64);
+}
+
+core::arch::global_asm!(
+    ".pushsection .text.hv_user, \"ax\"",
+    ".global hv_run_user",
+    "hv_run_user:",
+    "    push rbx",
+    "    push rbp",
+    "    push r12",
+    "    push r13",
+    "    push r14",
+    "    push r15",
+    "    mov [rip + HV_USER_KERNEL_RSP], rsp",
+    "    push {udata}",
+    "    push rsi",
+    "    push 2",
+    "    push {ucode}",
+    "    push rdi",
+    "    iretq",
+    // Vectors without an error code push a zero one.
+    ".irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31",
+    "hv_user_trap_\\v:",
+    "    push 0",
+    "    push \\v",
+    "    jmp hv_user_trap",
+    ".endr",
+    ".irp v, 8,10,11,12,13,14,17,21,29,30",
+    "hv_user_trap_\\v:",
+    "    push \\v",
+    "    jmp hv_user_trap",
+    ".endr",
+    // Frame: vector, error, RIP, CS, RFLAGS, RSP, SS.
+    "hv_user_trap:",
+    "    mov rax, [rsp]",
+    "    mov [rip + HV_USER_EXIT], rax",
+    "    mov rax, [rsp + 8]",
+    "    mov [rip + HV_USER_EXIT + 8], rax",
+    "    mov rax, [rsp + 16]",
+    "    mov [rip + HV_USER_EXIT + 16], rax",
+    "    mov rax, cr2",
+    "    mov [rip + HV_USER_EXIT + 24], rax",
+    "    mov rax, [rsp + 24]",
+    "    mov [rip + HV_USER_EXIT + 32], rax",
+    "    mov rsp, [rip + HV_USER_KERNEL_RSP]",
+    "    pop r15",
+    "    pop r14",
+    "    pop r13",
+    "    pop r12",
+    "    pop rbp",
+    "    pop rbx",
+    "    ret",
+    ".popsection",
+    ".pushsection .rodata.hv_user, \"a\"",
+    ".balign 8",
+    ".global hv_user_trap_table",
+    "hv_user_trap_table:",
+    ".irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "    .quad hv_user_trap_\\v",
+    ".endr",
+    ".popsection",
+    udata = const hv_abi::layout::SEL_USER_DATA as u64,
+    ucode = const hv_abi::layout::SEL_USER_CODE as u64,
+);
+
+/// An interrupt descriptor table.
+#[repr(C, align(16))]
+pub struct Idt(UnsafeCell<[IdtEntry; 256]>);
+// SAFETY: written by `install` before it is loaded; read by the CPU afterwards.
+unsafe impl Sync for Idt {}
+
+impl Idt {
+    /// An IDT with every gate missing.
+    pub const fn new() -> Self {
+        Idt(UnsafeCell::new([IdtEntry::MISSING; 256]))
+    }
+}
+
+impl Default for Idt {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Loads `idt` with the 32 exception vectors leading back to [`run_user`]'s caller and
+/// sets the boot TSS's RSP0 to `exception_stack_top` (16-byte aligned).
+///
+/// # Safety
+/// `idt` must not be in use; the exception stack must be reserved for exceptions; the
+/// boot TSS (at `layout::TSS_GPA`) must be the loaded TSS and mapped writable.
+pub unsafe fn install(idt: &'static Idt, exception_stack_top: u64) {
+    // SAFETY: the caller guarantees the IDT is not in use; the table of stub
+    // addresses is static data emitted above.
+    unsafe {
+        let t = &mut *idt.0.get();
+        let stubs = &*core::ptr::addr_of!(hv_user_trap_table);
+        for (v, stub) in stubs.iter().enumerate() {
+            t[v] = IdtEntry::interrupt_gate(*stub, 0);
+        }
+        core::ptr::write_unaligned((TSS_GPA + 4) as *mut u64, exception_stack_top);
+        let idtr = DescriptorTablePointer {
+            limit: (core::mem::size_of::<[IdtEntry; 256]>() - 1) as u16,
+            base: crate::virt_to_phys(idt.0.get()),
+        };
+        arch::load_idt(&idtr);
+    }
+}
+
+/// Runs ring-3 code at `rip` with stack `rsp` until it raises an exception, and
+/// returns what stopped it.
+///
+/// # Safety
+/// [`install`] must have been called; `rip` and `rsp` must be mapped user-accessible in
+/// the current address space, and ring 3 must not be able to reach kernel memory
+/// through them.
+pub unsafe fn run_user(rip: u64, rsp: u64) -> UserExit {
+    // SAFETY: the caller guarantees the ring-3 side; `hv_run_user` saves the
+    // callee-saved registers and stack pointer and returns here on the first exception.
+    unsafe {
+        hv_run_user(rip, rsp);
+        *HV_USER_EXIT.0.get()
+    }
+}
