@@ -153,6 +153,8 @@ pub struct DomainShared {
     pub host_paging: HostPaging,
     /// Set while one vCPU needs the others out of the guest (memslot zap).
     pause_flag: AtomicBool,
+    /// How many times running vCPUs were paused for another one.
+    pauses: AtomicU64,
     pause: Mutex<PauseState>,
     pause_cv: Condvar,
     /// Name.
@@ -266,6 +268,7 @@ impl DomainShared {
                 return;
             }
         }
+        let mut waited = false;
         loop {
             self.kick_others();
             let all_parked = {
@@ -278,7 +281,11 @@ impl DomainShared {
             if all_parked || self.is_stopping() {
                 break;
             }
+            waited = true;
             std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        if waited {
+            self.pauses.fetch_add(1, Ordering::Relaxed);
         }
         f();
         if let Ok(mut st) = self.pause.lock() {
@@ -401,6 +408,8 @@ pub struct DomainReport {
     pub created_in: Duration,
     /// Time from the first vCPU entry to the end.
     pub ran_for: Duration,
+    /// How many times running vCPUs had to be paused for another one (memslot zaps).
+    pub vcpu_pauses: u64,
 }
 
 impl Domain {
@@ -505,6 +514,7 @@ impl Domain {
             pool_region,
             host_paging,
             pause_flag: AtomicBool::new(false),
+            pauses: AtomicU64::new(0),
             pause: Mutex::new(PauseState {
                 requested: false,
                 parked: vec![false; config.vcpus as usize],
@@ -614,6 +624,7 @@ impl Domain {
             stats,
             created_in: self.created_in,
             ran_for: t0.elapsed(),
+            vcpu_pauses: self.shared.pauses.load(Ordering::Relaxed),
         })
     }
 }

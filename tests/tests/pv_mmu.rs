@@ -149,3 +149,39 @@ fn ring3_sees_an_upper_level_change() {
     assert_eq!(run.int("r3_after"), 0xBBBB_0002, "{}", run.console);
     assert_eq!(run.report.stats.op(Op::MmuUpdate).count, 2);
 }
+
+#[test]
+fn upper_level_change_with_another_vcpu_running() {
+    if !kvm_available() {
+        return;
+    }
+    // vCPU 1 spins in the guest while vCPU 0 swaps an L2 entry: the hypervisor pauses
+    // vCPU 1 around the pool memslot zap and lets it run again afterwards.
+    let run = tests::scenario_with(
+        "ring3-remap-l2",
+        "",
+        hv_core::DomainConfig {
+            vcpus: 2,
+            ..hv_core::DomainConfig::default()
+        },
+    );
+    assert!(
+        matches!(run.report.outcome, Outcome::Poweroff { code: 0 }),
+        "{}\n{}",
+        run.report.outcome,
+        run.console
+    );
+    assert!(
+        run.console.contains("vcpu1 arg=42") && run.console.contains("vcpu1 spinning"),
+        "{}",
+        run.console
+    );
+    assert_eq!(run.int("r3_after"), 0xBBBB_0002, "{}", run.console);
+    assert!(
+        run.report
+            .stats
+            .exits_of(hv_core::stats::ExitKind::Interrupted)
+            >= 1,
+        "vCPU 1 was kicked out of the guest"
+    );
+}

@@ -447,6 +447,12 @@ fn ring3_remap(si: &StartInfo, mode: u64) -> ! {
     }
     R3_ADDR.store(x, Ordering::SeqCst);
     R3_NEW_FRAME.store(b, Ordering::SeqCst);
+    if mode == 1 && si.nr_vcpus >= 2 {
+        // vCPU 1 keeps running in the guest while vCPU 0 changes an upper-level entry:
+        // the hypervisor must pause it around the memslot zap.
+        start_vcpu1();
+        println!("vcpu1 spinning");
+    }
     load_test_idt();
     enter_ring3_read()
 }
@@ -532,6 +538,17 @@ fn vcpus(si: &StartInfo) -> ! {
         );
         poweroff(0)
     }
+    start_vcpu1();
+    println!("vcpu1_is_up={}", raw_vcpu_op(VCPUOP_IS_UP, 1));
+    println!("vcpu_up_again={}", raw_vcpu_op(VCPUOP_UP, 1));
+    println!("vcpu_bad={}", raw_vcpu_op(VCPUOP_UP, 99));
+    println!("vcpus ok");
+    poweroff(0)
+}
+
+/// Starts vCPU 1 in `vcpu1_entry` (which reports and then spins forever) and waits
+/// until it runs.
+fn start_vcpu1() {
     const ARG: u64 = 42;
     let ctx = VcpuContext {
         rip: vcpu1_entry as *const () as u64,
@@ -560,9 +577,4 @@ fn vcpus(si: &StartInfo) -> ! {
         }
         let _ = guest_sdk::sched_yield();
     }
-    println!("vcpu1_is_up={}", raw_vcpu_op(VCPUOP_IS_UP, 1));
-    println!("vcpu_up_again={}", raw_vcpu_op(VCPUOP_UP, 1));
-    println!("vcpu_bad={}", raw_vcpu_op(VCPUOP_UP, 99));
-    println!("vcpus ok");
-    poweroff(0)
 }
