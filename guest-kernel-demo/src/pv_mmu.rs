@@ -64,8 +64,7 @@ core::arch::global_asm!(
 struct Builder<'a> {
     reqs: &'a mut [MmuUpdate; MAX_BATCH],
     n: usize,
-    next_frame: u64,
-    pool_end: u64,
+    frames: mmu::PtFrames,
     root: u64,
     cache: [(u8, u64, u64); 16],
     cached: usize,
@@ -76,11 +75,7 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn alloc(&mut self) -> Result<u64, &'static str> {
-        if self.next_frame >= self.pool_end {
-            return Err("page-table pool exhausted");
-        }
-        let f = self.next_frame;
-        self.next_frame += PAGE_SIZE;
+        let f = self.frames.alloc().ok_or("page-table pool exhausted")?;
         self.tables += 1;
         Ok(f)
     }
@@ -166,12 +161,10 @@ pub fn show(si: &StartInfo) -> Result<(), &'static str> {
 
     // SAFETY: REQS is used by this function only, on vCPU 0.
     let reqs = unsafe { &mut *REQS.0.get() };
-    let first_free_frame = si.pt_pool_gpa + si.nr_pt_frames * PAGE_SIZE;
     let mut b = Builder {
         reqs,
         n: 0,
-        next_frame: first_free_frame,
-        pool_end,
+        frames: mmu::PtFrames::from_start_info(si),
         root: 0,
         cache: [(0, 0, 0); 16],
         cached: 0,

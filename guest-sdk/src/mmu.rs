@@ -132,3 +132,91 @@ pub unsafe fn multicall(entries: &mut [MulticallEntry]) -> Result<(), Error> {
     })
     .map(|_| ())
 }
+
+/// Most pool frames a [`PtFrames`] allocator manages.
+pub const PT_FRAMES_MAX: usize = 64 * 64;
+
+/// Allocator of page-table frames from the page-table pool: the frames after the
+/// boot tables (`start_info.pt_pool_gpa + nr_pt_frames * 4096` on), which are zero at
+/// boot. A frame goes back with [`PtFrames::free`] once it is no page table any more
+/// (unpinned and unreferenced); the caller clears its entries before reusing it as a
+/// table, since pinning validates what it contains.
+pub struct PtFrames {
+    base: u64,
+    count: usize,
+    used: [u64; PT_FRAMES_MAX / 64],
+}
+
+impl PtFrames {
+    /// The pool's free frames as `start_info` describes them (at most
+    /// [`PT_FRAMES_MAX`] are managed).
+    pub fn from_start_info(si: &hv_abi::start_info::StartInfo) -> Self {
+        let base = si.pt_pool_gpa + si.nr_pt_frames * hv_abi::PAGE_SIZE;
+        let count = si.pt_pool_frames.saturating_sub(si.nr_pt_frames) as usize;
+        PtFrames {
+            base,
+            count: count.min(PT_FRAMES_MAX),
+            used: [0; PT_FRAMES_MAX / 64],
+        }
+    }
+
+    /// A free frame's guest-physical address, or `None` if the pool is exhausted.
+    pub fn alloc(&mut self) -> Option<u64> {
+        for (w, word) in self.used.iter_mut().enumerate() {
+            if *word == u64::MAX {
+                continue;
+            }
+            let bit = (!*word).trailing_zeros() as usize;
+            let i = w * 64 + bit;
+            if i >= self.count {
+                return None;
+            }
+            *word |= 1 << bit;
+            return Some(self.base + i as u64 * hv_abi::PAGE_SIZE);
+        }
+        None
+    }
+
+    /// Returns a frame obtained from [`PtFrames::alloc`]; other addresses are ignored.
+    pub fn free(&mut self, gpa: u64) {
+        let Some(off) = gpa.checked_sub(self.base) else {
+            return;
+        };
+        let i = (off / hv_abi::PAGE_SIZE) as usize;
+        if off % hv_abi::PAGE_SIZE == 0 && i < self.count {
+            self.used[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    /// Frames still free.
+    pub fn available(&self) -> usize {
+        self.count
+            - self
+                .used
+                .iter()
+                .map(|w| w.count_ones() as usize)
+                .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::FromZeros;
+
+    #[test]
+    fn allocates_frees_and_runs_out() {
+        let mut si = hv_abi::start_info::StartInfo::new_zeroed();
+        si.pt_pool_gpa = 0x400_0000;
+        si.nr_pt_frames = 2;
+        si.pt_pool_frames = 5;
+        let mut a = PtFrames::from_start_info(&si);
+        assert_eq!(a.available(), 3);
+        let f: [u64; 3] = [a.alloc().unwrap(), a.alloc().unwrap(), a.alloc().unwrap()];
+        assert_eq!(f, [0x400_2000, 0x400_3000, 0x400_4000]);
+        assert_eq!(a.alloc(), None);
+        a.free(0x400_3000);
+        a.free(0x123); // ignored
+        assert_eq!(a.alloc(), Some(0x400_3000));
+    }
+}
