@@ -274,14 +274,7 @@ impl Mmu {
                 .check_entry(level, slot, val)
                 .and_then(|t| self.get_ref(mem, t));
             if let Err(e) = r {
-                for undo in 0..slot {
-                    let v = mem.read_pte(base + undo as u64 * 8);
-                    let t = self
-                        .layout
-                        .check_entry(level, undo, v)
-                        .unwrap_or(Target::NotPresent);
-                    self.put_ref(mem, t);
-                }
+                self.put_entries(mem, idx, level, slot);
                 self.frames[idx].level = 0;
                 self.frames[idx].type_count = 0;
                 return Err(e);
@@ -296,16 +289,23 @@ impl Mmu {
             return;
         }
         let level = self.frames[idx].level;
+        self.put_entries(mem, idx, level, 512);
+        self.frames[idx].level = 0;
+    }
+
+    /// Drops the references held by entries `0..upto` of frame `idx`, validated as
+    /// level-`level` entries.
+    fn put_entries(&mut self, mem: &mut impl PtMemory, idx: usize, level: u8, upto: usize) {
         let base = self.layout.pool_gpa(idx);
-        for slot in 0..512 {
+        for slot in 0..upto {
             let v = mem.read_pte(base + slot as u64 * 8);
+            // Validated entries always decode.
             let t = self
                 .layout
                 .check_entry(level, slot, v)
                 .unwrap_or(Target::NotPresent);
             self.put_ref(mem, t);
         }
-        self.frames[idx].level = 0;
     }
 }
 

@@ -481,24 +481,12 @@ fn ring3_remap_next() -> ! {
 }
 
 fn cpl3() -> ! {
-    let table = IDT.0.get();
-    // SAFETY: the IDT is not loaded yet and nothing else references it.
-    unsafe {
-        let t = &mut *table;
-        t[6] = IdtEntry::interrupt_gate(tg_ud_stub as *const () as u64, 0);
-        t[13] = IdtEntry::interrupt_gate(tg_gp_stub as *const () as u64, 0);
-        t[14] = IdtEntry::interrupt_gate(tg_pf_stub as *const () as u64, 0);
-    }
-    let idtr = DescriptorTablePointer {
-        limit: (core::mem::size_of::<[IdtEntry; 256]>() - 1) as u16,
-        base: guest_sdk::virt_to_phys(table),
-    };
+    load_test_idt();
     // SAFETY: the table is static, its gates point at the stubs above, whose handler
     // never returns. Ring 3 runs `tg_user_entry` (in identity-mapped, user-accessible
     // RAM) on its own stack; the TSS's rsp0 (top of the boot stack) takes the
     // exception, overwriting this function's frame, which is never returned to.
     unsafe {
-        arch::load_idt(&idtr);
         arch::enter_user(
             tg_user_entry as *const () as u64,
             USER_STACK.top(),
