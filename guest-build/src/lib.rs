@@ -105,3 +105,24 @@ pub fn workspace_root(manifest_dir: &str, depth: usize) -> PathBuf {
     }
     p
 }
+
+/// The build script of a guest kernel crate (one that depends on guest-sdk): links its
+/// binaries with the SDK's linker script as non-PIE executables at their physical
+/// addresses, when building for the bare-metal guest target.
+///
+/// Panics (the build script's way of failing) if guest-sdk did not publish its script.
+pub fn link_guest_kernel() {
+    println!("cargo:rerun-if-changed=build.rs");
+    // Set by guest-sdk's build script (`links = "hv_guest_sdk"`).
+    let Some(script) = std::env::var_os("DEP_HV_GUEST_SDK_LINKER_SCRIPT") else {
+        panic!("guest-sdk did not publish its linker script (DEP_HV_GUEST_SDK_LINKER_SCRIPT)");
+    };
+    let script = PathBuf::from(script);
+    println!("cargo:rerun-if-changed={}", script.display());
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("none") {
+        println!("cargo:rustc-link-arg-bins=-T{}", script.display());
+        // x86_64-unknown-none links static PIE by default; hv loads ELF EXEC images
+        // at their physical addresses, so turn PIE off (the last flag wins in lld).
+        println!("cargo:rustc-link-arg-bins=--no-pie");
+    }
+}

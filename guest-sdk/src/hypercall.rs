@@ -50,10 +50,10 @@ impl OpNumber for u64 {
 #[inline(always)]
 pub unsafe fn hypercall5(op: impl OpNumber, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> i64 {
     let ret: i64;
-    // SAFETY: the caller upholds the contract above. `out` to the hypercall port traps
-    // to the hypervisor, which preserves every register but RAX; no `nomem` option, so
-    // the compiler assumes memory is read and written (the hypervisor accesses guest
-    // memory), and no stack is used.
+    // `out` to the hypercall port traps to the hypervisor, which preserves every
+    // register but RAX; without `nomem` the compiler assumes memory is read and written
+    // (the hypervisor accesses guest memory); no stack is used.
+    // SAFETY: the caller upholds the contract above; see the note just before.
     unsafe {
         asm!(
             "out {port}, al",

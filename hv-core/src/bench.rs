@@ -97,51 +97,51 @@ pub fn run(names: &[String]) -> Result<Vec<BenchResult>, BenchError> {
     let want = |n: &str| names.is_empty() || names.iter().any(|x| x == n);
     let kvm = crate::domain::open_kvm()?;
     let mut out: Vec<BenchResult> = Vec::new();
-    let floor_of =
-        |out: &Vec<BenchResult>, n: &str| out.iter().find(|r| r.name == n).map(|r| r.value);
-
+    type Once = fn(&Kvm) -> Result<f64, BenchError>;
+    // (floor, its function, benchmark, its function, unit, repetitions)
+    let pairs: [(&str, Once, &str, Once, &str, usize); 3] = [
+        (
+            "exit_floor",
+            exit_floor_once,
+            "null_hypercall",
+            null_hypercall_once,
+            "ns",
+            REPS,
+        ),
+        (
+            "kvm_create_floor",
+            kvm_create_floor_once,
+            "domain_boot",
+            domain_boot_once,
+            "ms",
+            BOOT_REPS,
+        ),
+        (
+            "mmu_trapped_write",
+            mmu_trapped_write_once,
+            "mmu_batch_512",
+            mmu_batch_512_once,
+            "ns/PTE",
+            REPS,
+        ),
+    ];
     // Each benchmark runs interleaved with its floor, repetition by repetition, so that
     // noise on a shared machine hits both alike; the medians are reported.
-    if want("exit_floor") || want("null_hypercall") {
-        let (mut floor, mut hv) = (Vec::new(), Vec::new());
-        for _ in 0..REPS {
-            floor.push(exit_floor_once(&kvm)?);
-            if want("null_hypercall") {
-                hv.push(null_hypercall_once(&kvm)?);
+    for (floor_name, floor_once, name, once, unit, reps) in pairs {
+        if !want(floor_name) && !want(name) {
+            continue;
+        }
+        let (mut floor, mut bench) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            floor.push(floor_once(&kvm)?);
+            if want(name) {
+                bench.push(once(&kvm)?);
             }
         }
-        out.push(row("exit_floor", median(floor), "ns", None));
-        if want("null_hypercall") {
-            let f = floor_of(&out, "exit_floor").map(|f| ("exit_floor", f));
-            out.push(row("null_hypercall", median(hv), "ns", f));
-        }
-    }
-    if want("kvm_create_floor") || want("domain_boot") {
-        let (mut floor, mut hv) = (Vec::new(), Vec::new());
-        for _ in 0..BOOT_REPS {
-            floor.push(kvm_create_floor_once(&kvm)?);
-            if want("domain_boot") {
-                hv.push(domain_boot_once(&kvm)?);
-            }
-        }
-        out.push(row("kvm_create_floor", median(floor), "ms", None));
-        if want("domain_boot") {
-            let f = floor_of(&out, "kvm_create_floor").map(|f| ("kvm_create_floor", f));
-            out.push(row("domain_boot", median(hv), "ms", f));
-        }
-    }
-    if want("mmu_trapped_write") || want("mmu_batch_512") {
-        let (mut trapped, mut batch) = (Vec::new(), Vec::new());
-        for _ in 0..REPS {
-            trapped.push(mmu_trapped_write_once(&kvm)?);
-            if want("mmu_batch_512") {
-                batch.push(mmu_batch_512_once(&kvm)?);
-            }
-        }
-        out.push(row("mmu_trapped_write", median(trapped), "ns/PTE", None));
-        if want("mmu_batch_512") {
-            let f = floor_of(&out, "mmu_trapped_write").map(|f| ("mmu_trapped_write", f));
-            out.push(row("mmu_batch_512", median(batch), "ns/PTE", f));
+        let floor = median(floor);
+        out.push(row(floor_name, floor, unit, None));
+        if want(name) {
+            out.push(row(name, median(bench), unit, Some((floor_name, floor))));
         }
     }
     Ok(out)

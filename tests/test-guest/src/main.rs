@@ -43,7 +43,7 @@ use guest_sdk::hv_abi::sched::{
 };
 use guest_sdk::hv_abi::start_info::StartInfo;
 use guest_sdk::hv_abi::{Op, PAGE_SIZE};
-use guest_sdk::hypercall::{hypercall0, hypercall1, hypercall3};
+use guest_sdk::hypercall::hypercall3;
 use guest_sdk::{cmdline, cpuid, poweroff, println, shutdown, Features};
 
 guest_sdk::entry!(main, Features::CONSOLE_IO | Features::SCHED);
@@ -169,17 +169,24 @@ fn console_efault(si: &StartInfo) -> ! {
     poweroff(0)
 }
 
+/// A raw hypercall whose arguments are no pointers: `hypercalls` uses it for calls the
+/// hypervisor must refuse without effect (shutdowns with a bad reason or code included)
+/// and for harmless ones.
+fn no_pointer_call(op: impl guest_sdk::hypercall::OpNumber, a1: u64, a2: u64, a3: u64) -> i64 {
+    // SAFETY: no argument is a pointer, so the hypervisor touches no guest memory; the
+    // calls made through this either change nothing or are refused.
+    unsafe { hypercall3(op, a1, a2, a3) }
+}
+
 fn hypercalls() -> ! {
-    // SAFETY (all calls below): none of these takes a pointer; the invalid ones must be
-    // refused without effect, the shutdowns included (bad reason, bad code).
-    let unknown_op = unsafe { hypercall0(99u64) };
-    let version_bad_cmd = unsafe { hypercall1(Op::Version, 77) };
-    let sched_bad_cmd = unsafe { hypercall1(Op::SchedOp, 77) };
-    let bad_reason = unsafe { hypercall3(Op::SchedOp, SCHEDOP_SHUTDOWN, 7, 0) };
-    let bad_code = unsafe { hypercall3(Op::SchedOp, SCHEDOP_SHUTDOWN, SHUTDOWN_POWEROFF, 1000) };
-    let yield_rc = unsafe { hypercall1(Op::SchedOp, SCHEDOP_YIELD) };
-    let version = unsafe { hypercall1(Op::Version, VERSION_GET) };
-    let features = unsafe { hypercall1(Op::Version, VERSION_FEATURES) };
+    let unknown_op = no_pointer_call(99u64, 0, 0, 0);
+    let version_bad_cmd = no_pointer_call(Op::Version, 77, 0, 0);
+    let sched_bad_cmd = no_pointer_call(Op::SchedOp, 77, 0, 0);
+    let bad_reason = no_pointer_call(Op::SchedOp, SCHEDOP_SHUTDOWN, 7, 0);
+    let bad_code = no_pointer_call(Op::SchedOp, SCHEDOP_SHUTDOWN, SHUTDOWN_POWEROFF, 1000);
+    let yield_rc = no_pointer_call(Op::SchedOp, SCHEDOP_YIELD, 0, 0);
+    let version = no_pointer_call(Op::Version, VERSION_GET, 0, 0);
+    let features = no_pointer_call(Op::Version, VERSION_FEATURES, 0, 0);
     println!("unknown_op={unknown_op}");
     println!("version_bad_cmd={version_bad_cmd}");
     println!("sched_bad_cmd={sched_bad_cmd}");
@@ -482,10 +489,10 @@ fn ring3_remap_next() -> ! {
 
 fn cpl3() -> ! {
     load_test_idt();
-    // SAFETY: the table is static, its gates point at the stubs above, whose handler
-    // never returns. Ring 3 runs `tg_user_entry` (in identity-mapped, user-accessible
-    // RAM) on its own stack; the TSS's rsp0 (top of the boot stack) takes the
-    // exception, overwriting this function's frame, which is never returned to.
+    // Ring 3 runs `tg_user_entry` (identity-mapped, user-accessible RAM) on its own
+    // stack; the TSS's rsp0 (top of the boot stack) takes the exception, overwriting
+    // this function's frame, which is never returned to.
+    // SAFETY: the gates lead to handlers that never return; see above for the stacks.
     unsafe {
         arch::enter_user(
             tg_user_entry as *const () as u64,
