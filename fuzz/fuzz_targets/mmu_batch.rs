@@ -3,24 +3,13 @@
 #![no_main]
 
 use hv_abi::mmu::MmuUpdate;
-use hv_core::mmu::{Layout, Mmu, PtMemory};
+use hv_core::mmu::{FlatPool, Layout, Mmu};
 use libfuzzer_sys::fuzz_target;
 use zerocopy::FromBytes;
 
 const RAM_FRAMES: u64 = 32;
 const POOL_BASE: u64 = RAM_FRAMES * 4096;
 const POOL_FRAMES: u64 = 8;
-
-struct VecMem(Vec<u64>);
-
-impl PtMemory for VecMem {
-    fn read_pte(&self, gpa: u64) -> u64 {
-        self.0[((gpa - POOL_BASE) / 8) as usize]
-    }
-    fn write_pte(&mut self, gpa: u64, val: u64) {
-        self.0[((gpa - POOL_BASE) / 8) as usize] = val;
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let layout = Layout {
@@ -29,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         pool_base: POOL_BASE,
         pool_frames: POOL_FRAMES,
     };
-    let mut mem = VecMem(vec![0; (POOL_FRAMES * 512) as usize]);
+    let mut mem = FlatPool::new(POOL_BASE, POOL_FRAMES);
     let mut mmu = Mmu::new(layout);
     let mut pinned = Vec::new();
     // Each chunk: 1 opcode byte + 16 bytes of request.

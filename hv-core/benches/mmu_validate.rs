@@ -4,21 +4,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hv_abi::mmu::{MmuUpdate, PTE_P, PTE_U, PTE_W};
-use hv_core::mmu::{Layout, Mmu, PtMemory};
+use hv_core::mmu::{FlatPool, Layout, Mmu};
 
 const POOL_BASE: u64 = 64 << 20;
-
-/// Pool memory as a flat vector (the hypervisor's is the guest's memfd mapping).
-struct VecMem(Vec<u64>);
-
-impl PtMemory for VecMem {
-    fn read_pte(&self, gpa: u64) -> u64 {
-        self.0[((gpa - POOL_BASE) / 8) as usize]
-    }
-    fn write_pte(&mut self, gpa: u64, val: u64) {
-        self.0[((gpa - POOL_BASE) / 8) as usize] = val;
-    }
-}
 
 fn batch(l1: u64, frame_base: u64) -> Vec<MmuUpdate> {
     (0..512)
@@ -36,7 +24,7 @@ fn validate_apply(c: &mut Criterion) {
         pool_base: POOL_BASE,
         pool_frames: 16,
     };
-    let mut mem = VecMem(vec![0; 16 * 512]);
+    let mut mem = FlatPool::new(POOL_BASE, 16);
     let mut mmu = Mmu::new(layout);
     mmu.pin(&mut mem, 1, POOL_BASE).expect("pin L1");
     let a = batch(POOL_BASE, 0x10_0000);

@@ -33,6 +33,42 @@ pub trait PtMemory {
     fn write_pte(&mut self, gpa: u64, val: u64);
 }
 
+/// A page-table pool held in a plain vector, for benchmarks, fuzzing and tests of the
+/// validator without a domain (the hypervisor itself uses
+/// [`crate::memory::PoolAccess`]). Addresses outside the pool read as 0 and are not
+/// written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlatPool {
+    base: u64,
+    entries: Vec<u64>,
+}
+
+impl FlatPool {
+    /// A zeroed pool of `frames` frames at guest-physical `base`.
+    pub fn new(base: u64, frames: u64) -> Self {
+        FlatPool {
+            base,
+            entries: vec![0; (frames * 512) as usize],
+        }
+    }
+
+    fn index(&self, gpa: u64) -> Option<usize> {
+        let i = (gpa.checked_sub(self.base)? / 8) as usize;
+        (i < self.entries.len()).then_some(i)
+    }
+}
+
+impl PtMemory for FlatPool {
+    fn read_pte(&self, gpa: u64) -> u64 {
+        self.index(gpa).map_or(0, |i| self.entries[i])
+    }
+    fn write_pte(&mut self, gpa: u64, val: u64) {
+        if let Some(i) = self.index(gpa) {
+            self.entries[i] = val;
+        }
+    }
+}
+
 /// Per-frame state of a pool frame.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FrameInfo {
