@@ -27,6 +27,8 @@ pub const EVTCHNOP_UNMASK: u64 = 9;
 
 /// Virtual IRQ: the one-shot timer of `set_timer_op`.
 pub const VIRQ_TIMER: u32 = 0;
+/// Number of virtual IRQs defined (valid `virq` values are `0..NR_VIRQS`).
+pub const NR_VIRQS: u32 = 1;
 
 /// `EVTCHNOP_ALLOC_UNBOUND` argument.
 #[derive(

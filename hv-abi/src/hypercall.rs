@@ -107,6 +107,18 @@ pub const VCPUOP_UP: u64 = 1;
 /// `vcpu_op(VCPUOP_IS_UP, vcpu)`: returns 1 if the vCPU runs, 0 otherwise.
 pub const VCPUOP_IS_UP: u64 = 3;
 
+/// `vcpu_op(VCPUOP_SET_UPCALL_VECTOR, vcpu, vector)`: event-channel upcalls for
+/// `vcpu` arrive as interrupt `vector` (0x20..=0xFE), or not at all (0, the default).
+/// ABI 1.1, with [`crate::Features::EVTCHN`]. The handler ends with an x2APIC EOI:
+/// `wrmsr` of 0 to [`X2APIC_EOI_MSR`].
+pub const VCPUOP_SET_UPCALL_VECTOR: u64 = 16;
+/// Lowest vector [`VCPUOP_SET_UPCALL_VECTOR`] accepts (0..=0x1F are exceptions).
+pub const UPCALL_VECTOR_MIN: u64 = 0x20;
+/// Highest vector [`VCPUOP_SET_UPCALL_VECTOR`] accepts (0xFF is the spurious vector).
+pub const UPCALL_VECTOR_MAX: u64 = 0xFE;
+/// The x2APIC end-of-interrupt MSR: the upcall handler writes 0 to it when done.
+pub const X2APIC_EOI_MSR: u32 = 0x80B;
+
 /// Initial register state for a secondary vCPU (`VCPUOP_INITIALISE`).
 ///
 /// The vCPU starts in 64-bit mode with the boot GDT, like vCPU 0, at `rip` with `rsp`,

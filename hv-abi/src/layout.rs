@@ -5,13 +5,17 @@
 //! 0x0000_1000  boot GDT (0x1000) and TSS (0x1080)
 //! 0x0000_2000  start_info page
 //! 0x0000_3000  shared_info page
-//! 0x0000_4000  reserved for the hypervisor (0x4000..0x40000)
+//! 0x0000_4000  reserved for the hypervisor (0x4000..0x10000)
+//! 0x0001_0000  grant table, 4 frames (0x10000..0x14000; ABI 1.1)
+//! 0x0001_4000  reserved for the hypervisor (0x14000..0x40000)
 //! 0x0004_0000  boot stack, 256 KiB; RSP starts at 0x80000 - 8
 //! 0x0008_0000  reserved (0x80000..0x100000)
 //! 0x0010_0000  kernel image (ELF PT_LOAD segments, by physical address)
 //!  ...         free RAM from start_info.first_free_gpa to nr_pages * 4096
 //! pool         page-table pool: starts at RAM size rounded up to 2 MiB;
 //!              its first start_info.nr_pt_frames frames hold the boot page tables
+//! window       grant window (ABI 1.1): starts at the pool's end rounded up to 2 MiB;
+//!              start_info.grant_window_frames frames where mapped grants appear
 //! ```
 //!
 //! The boot page tables identity-map (virtual = guest-physical) every RAM page except
@@ -26,6 +30,15 @@ pub const TSS_GPA: u64 = 0x1080;
 pub const START_INFO_GPA: u64 = 0x2000;
 /// Guest-physical address of the shared_info page ([`crate::shared_info::SharedInfo`]).
 pub const SHARED_INFO_GPA: u64 = 0x3000;
+/// Guest-physical address of the grant table (RAM the guest writes entries into).
+pub const GRANT_TABLE_GPA: u64 = 0x1_0000;
+/// Number of grant-table frames: 4 frames of 512 entries, 2048 grant references.
+pub const GRANT_TABLE_FRAMES: u32 = 4;
+/// The grant window starts at the pool's end rounded up to this alignment.
+pub const GRANT_WINDOW_ALIGN: u64 = 2 << 20;
+/// Number of frames in the grant window: the most grants a domain can map at once.
+pub const GRANT_WINDOW_FRAMES: u32 = 1024;
+
 /// Lowest address of the boot stack.
 pub const BOOT_STACK_BOTTOM: u64 = 0x4_0000;
 /// One past the highest address of the boot stack.

@@ -64,8 +64,18 @@ pub struct StartInfo {
     pub nr_devices: u32,
     /// Reserved, zero.
     pub reserved0: u32,
+    /// Guest-physical address of this domain's grant table (ABI 1.1; 0 without
+    /// `gnttab`): [`Self::grant_table_frames`] frames of [`crate::grant::GrantEntryV1`].
+    pub grant_table_gpa: u64,
+    /// Number of grant-table frames (512 entries each).
+    pub grant_table_frames: u32,
+    /// Number of frames in the grant window (ABI 1.1).
+    pub grant_window_frames: u32,
+    /// Guest-physical address of the grant window, where the hypervisor places the
+    /// frames this domain maps from other domains (ABI 1.1; 0 without `gnttab`).
+    pub grant_window_gpa: u64,
     /// Reserved, zero.
-    pub reserved: [u64; 366],
+    pub reserved: [u64; 363],
     /// The command line, NUL-terminated, at most `CMDLINE_MAX - 1` bytes.
     pub cmdline: [u8; CMDLINE_MAX],
 }
@@ -114,7 +124,11 @@ mod tests {
         assert_eq!(offset_of!(StartInfo, devices_gpa), 128);
         assert_eq!(offset_of!(StartInfo, nr_devices), 136);
         assert_eq!(offset_of!(StartInfo, reserved0), 140);
-        assert_eq!(offset_of!(StartInfo, reserved), 144);
+        assert_eq!(offset_of!(StartInfo, grant_table_gpa), 144);
+        assert_eq!(offset_of!(StartInfo, grant_table_frames), 152);
+        assert_eq!(offset_of!(StartInfo, grant_window_frames), 156);
+        assert_eq!(offset_of!(StartInfo, grant_window_gpa), 160);
+        assert_eq!(offset_of!(StartInfo, reserved), 168);
         assert_eq!(offset_of!(StartInfo, cmdline), 3072);
     }
 
