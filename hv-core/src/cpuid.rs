@@ -23,6 +23,7 @@ pub fn build(
     for e in entries.iter_mut() {
         if e.function == 1 {
             e.ecx |= 1 << 31; // hypervisor present
+            e.ecx |= 1 << 21; // x2APIC: upcalls end with an x2APIC EOI
             e.ebx = (e.ebx & 0x00FF_FFFF) | (vcpu_id << 24); // initial APIC id
         }
         if e.function == 0xB || e.function == 0x1F {

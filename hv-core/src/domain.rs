@@ -15,11 +15,16 @@ use thiserror::Error;
 use crate::boot::{self, BootError, StartInfoParams};
 use crate::coherence::HostPaging;
 use crate::console::{Console, ConsoleSink};
+use crate::evtchn::EventChannels;
+use crate::grant::Grants;
 use crate::loader::{KernelImage, LoadError};
 use crate::memory::{DomainMemory, MemoryError, PoolAccess};
 use crate::mmu::{Layout, Mmu};
 use crate::outcome::{CrashReason, CrashReport, Outcome};
+use crate::registry::Registry;
 use crate::stats::ExitStats;
+use crate::time::DomainTime;
+use crate::upcall::{Upcall, UpcallError};
 use crate::vcpu::{self, Vcpu};
 
 /// The ABI features this build of hv implements.
@@ -27,7 +32,9 @@ pub const FEATURES: Features = Features(
     Features::CONSOLE_IO.bits()
         | Features::SCHED.bits()
         | Features::VCPU_OP.bits()
-        | Features::PV_MMU.bits(),
+        | Features::PV_MMU.bits()
+        | Features::EVTCHN.bits()
+        | Features::TIMER.bits(),
 );
 
 /// Default RAM size.
@@ -111,7 +118,22 @@ pub enum DomainError {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// Upcall delivery (irqchip, irqfds) could not be set up.
+    #[error("{0}")]
+    Upcall(#[from] UpcallError),
+    /// Two domains could not be connected.
+    #[error("cannot connect the domains: {0}")]
+    Connect(hv_abi::Errno),
+    /// Another live domain has this id.
+    #[error("domain id {0} is already in use")]
+    DomainIdTaken(u32),
+    /// The domain id is out of range.
+    #[error("domain id {0} is out of range (0..{max})", max = MAX_DOMID)]
+    BadDomainId(u32),
 }
+
+/// Domain ids are below this (0x7FF0 and up are special ids such as `DOMID_SELF`).
+pub const MAX_DOMID: u32 = 0x7FF0;
 
 impl DomainError {
     /// True when the error comes from what the user asked for (a bad kernel or bad
@@ -121,6 +143,8 @@ impl DomainError {
             self,
             DomainError::Load(_)
                 | DomainError::BadVcpus(_)
+                | DomainError::DomainIdTaken(_)
+                | DomainError::BadDomainId(_)
                 | DomainError::Boot(BootError::CmdlineTooLong(_) | BootError::CmdlineNul)
                 | DomainError::Memory(MemoryError::BadSize(_))
         )
@@ -184,6 +208,16 @@ pub struct DomainShared {
     /// Bumped whenever a table is unpinned, so vCPUs re-check their cached CR3.
     pub unpin_gen: AtomicU64,
     outcome: Mutex<Option<Outcome>>,
+    /// The hypervisor's live domains (for event channels and grants).
+    pub registry: Arc<Registry>,
+    /// Event channels.
+    pub evtchn: EventChannels,
+    /// Upcall delivery: irqfds, vectors, and where blocked vCPUs sleep.
+    pub upcall: Upcall,
+    /// System time and timers.
+    pub time: DomainTime,
+    /// Grant tables.
+    pub grants: Grants,
     /// Threads currently running vCPUs, by index (for kicks).
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
 }
@@ -208,7 +242,44 @@ impl DomainShared {
         if let Ok(_g) = self.pause.lock() {
             self.pause_cv.notify_all();
         }
+        self.upcall.wake_all();
         self.kick_others();
+    }
+
+    /// Runs `f` (a sleep in `SCHEDOP_BLOCK` or `SCHEDOP_POLL`) with vCPU `id` counted
+    /// as parked, so another vCPU's pause does not wait for it.
+    pub fn out_of_guest<T>(&self, id: u32, f: impl FnOnce() -> T) -> T {
+        let set = |v: bool| {
+            if let Ok(mut st) = self.pause.lock() {
+                if let Some(p) = st.parked.get_mut(id as usize) {
+                    *p = v;
+                }
+                self.pause_cv.notify_all();
+            }
+        };
+        set(true);
+        let r = f();
+        set(false);
+        r
+    }
+
+    /// Appends `extra` to the domain's command line (before it runs), separated by a
+    /// space.
+    pub fn append_cmdline(&self, extra: &str) -> Result<(), DomainError> {
+        use hv_abi::start_info::StartInfo;
+        let mut si: StartInfo = self.mem.read_obj(layout::START_INFO_GPA)?;
+        let old = String::from_utf8_lossy(si.cmdline_bytes()).into_owned();
+        let new = if old.is_empty() {
+            extra.to_string()
+        } else {
+            format!("{old} {extra}")
+        };
+        boot::check_cmdline(&new)?;
+        si.cmdline = [0; hv_abi::start_info::CMDLINE_MAX];
+        si.cmdline[..new.len()].copy_from_slice(new.as_bytes());
+        si.cmdline_len = new.len() as u32;
+        self.mem.write_obj(layout::START_INFO_GPA, &si)?;
+        Ok(())
     }
 
     /// Kicks every running vCPU thread but the caller's out of KVM_RUN.
@@ -361,6 +432,20 @@ impl DomainShared {
         }
     }
 
+    /// Takes a dead domain out of the registry and releases what it shares with
+    /// others: its event channels (peers' ports become unbound) and its grants (both
+    /// what it granted and what it mapped). Idempotent.
+    pub fn destroy(&self) {
+        self.request_stop();
+        if let Some(me) = self.registry.get(self.domid) {
+            if std::ptr::eq(Arc::as_ptr(&me), self) {
+                self.registry.remove(self.domid);
+            }
+        }
+        crate::evtchn::destroy(self);
+        crate::grant::destroy(self);
+    }
+
     /// True if `gpa` is in the domain's page-table pool.
     pub fn in_pool(&self, gpa: u64) -> bool {
         gpa >= self.mem.pool_gpa() && gpa < self.mem.pool_end()
@@ -413,9 +498,21 @@ pub struct DomainReport {
 }
 
 impl Domain {
-    /// Creates a domain and loads `image` into it. Nothing runs yet.
+    /// Creates a domain on its own (a registry of one) and loads `image` into it.
+    /// Nothing runs yet.
     pub fn create(
         kvm: &Kvm,
+        config: DomainConfig,
+        image: &KernelImage,
+    ) -> Result<Domain, DomainError> {
+        Domain::create_in(kvm, &Registry::new(), config, image)
+    }
+
+    /// Creates a domain in `registry` (where other domains can reach it) and loads
+    /// `image` into it. Nothing runs yet.
+    pub fn create_in(
+        kvm: &Kvm,
+        registry: &Arc<Registry>,
         config: DomainConfig,
         image: &KernelImage,
     ) -> Result<Domain, DomainError> {
@@ -424,6 +521,12 @@ impl Domain {
         let _e = span.enter();
         if config.vcpus == 0 || config.vcpus as usize > MAX_VCPUS {
             return Err(DomainError::BadVcpus(config.vcpus));
+        }
+        if config.domid >= MAX_DOMID {
+            return Err(DomainError::BadDomainId(config.domid));
+        }
+        if registry.contains(config.domid) {
+            return Err(DomainError::DomainIdTaken(config.domid));
         }
         boot::check_cmdline(&config.cmdline)?;
         image.check_abi(FEATURES)?;
@@ -491,12 +594,16 @@ impl Domain {
             unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("set memory region"))?;
         }
 
+        // The in-kernel irqchip must exist before the vCPUs.
+        crate::upcall::create_irqchip(&vm)?;
+        let upcall = Upcall::new(&vm, config.vcpus)?;
         let supported = crate::cpuid::supported_cached(kvm)?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
             let cpuid = crate::cpuid::build(&supported, id, FEATURES)
                 .map_err(|e| DomainError::Cpuid(format!("{e:?}")))?;
             let v = Vcpu::new(&vm, id, &cpuid)?;
+            crate::upcall::enable_x2apic(v.fd(), id)?;
             if id == 0 {
                 v.set_boot_state(
                     image.entry,
@@ -507,6 +614,9 @@ impl Domain {
             }
             vcpus.push(v);
         }
+        let time = DomainTime::new(config.vcpus);
+        time.publish_wallclock(&mem);
+        let evtchn = EventChannels::new(mem.host_address(layout::SHARED_INFO_GPA)?, config.vcpus);
         let mut states = vec![VcpuState::Down; config.vcpus as usize];
         states[0] = VcpuState::Up(VcpuContext::default());
         let shared = Arc::new(DomainShared {
@@ -536,8 +646,16 @@ impl Domain {
                 .collect(),
             unpin_gen: AtomicU64::new(0),
             outcome: Mutex::new(None),
+            registry: registry.clone(),
+            evtchn,
+            upcall,
+            time,
+            grants: Grants::new(),
             threads: Mutex::new(vec![None; config.vcpus as usize]),
         });
+        if !registry.insert(shared.clone()) {
+            return Err(DomainError::DomainIdTaken(shared.domid));
+        }
         tracing::debug!(vcpus = shared.nr_vcpus, pool_frames, "domain created");
         Ok(Domain {
             vcpus,
@@ -617,6 +735,7 @@ impl Domain {
                     sregs: None,
                 }))
             });
+        self.shared.destroy();
         tracing::info!(%outcome, "domain ended");
         Ok(DomainReport {
             name: self.shared.name.clone(),
@@ -626,6 +745,13 @@ impl Domain {
             ran_for: t0.elapsed(),
             vcpu_pauses: self.shared.pauses.load(Ordering::Relaxed),
         })
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        // A domain that never ran (or has run) leaves the registry.
+        self.shared.destroy();
     }
 }
 

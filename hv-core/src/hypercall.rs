@@ -4,9 +4,11 @@
 //! a non-negative value or an [`Errno`]; a successful shutdown stops the vCPU.
 
 use hv_abi::hypercall::{
-    VcpuContext, CONSOLEIO_READ, CONSOLEIO_WRITE, CONSOLE_WRITE_MAX, VCPUOP_INITIALISE,
-    VCPUOP_IS_UP, VCPUOP_UP, VERSION_FEATURES, VERSION_GET,
+    VcpuContext, CONSOLEIO_READ, CONSOLEIO_WRITE, CONSOLE_WRITE_MAX, UPCALL_VECTOR_MAX,
+    UPCALL_VECTOR_MIN, VCPUOP_INITIALISE, VCPUOP_IS_UP, VCPUOP_SET_UPCALL_VECTOR, VCPUOP_UP,
+    VERSION_FEATURES, VERSION_GET,
 };
+use hv_abi::sched::{SchedPoll, SCHED_POLL_MAX_PORTS};
 use hv_abi::sched::{
     SCHEDOP_BLOCK, SCHEDOP_POLL, SCHEDOP_SHUTDOWN, SCHEDOP_YIELD, SHUTDOWN_CODE_MAX,
     SHUTDOWN_CRASH, SHUTDOWN_POWEROFF, SHUTDOWN_REBOOT,
@@ -74,8 +76,14 @@ pub fn dispatch(
         Some(Op::ConsoleIo) => ret(console_io(dom, a1, a2, a3)),
         Some(Op::SchedOp) => sched_op(dom, vcpu, a1, a2, a3),
         Some(Op::VcpuOp) => ret(vcpu_op(dom, a1, a2, a3)),
+        Some(Op::EventChannelOp) => ret(crate::evtchn::event_channel_op(dom, a1, a2)),
+        Some(Op::SetTimerOp) => ret(crate::time::set_timer_op(dom, vcpu, a1)),
+        Some(Op::GrantTableOp) => {
+            let r = crate::grant::grant_table_op(dom, vcpu, call.cr3, a1, a2, a3, effects);
+            coherent(dom, vcpu, r)
+        }
         // Specified in ABI v1, implemented by later features.
-        Some(_) | None => ret(Err(Errno::ENOSYS)),
+        None => ret(Err(Errno::ENOSYS)),
     }
 }
 
@@ -136,17 +144,66 @@ fn sched_op(dom: &DomainShared, vcpu: u32, cmd: u64, reason: u64, code: u64) -> 
             dom.finish(outcome);
             Disposition::Stop
         }
-        SCHEDOP_BLOCK | SCHEDOP_POLL => ret(Err(Errno::ENOSYS)),
+        SCHEDOP_BLOCK => {
+            dom.evtchn.clear_upcall_mask(vcpu);
+            dom.out_of_guest(vcpu, || {
+                dom.upcall.wait_until(None, || {
+                    dom.evtchn.upcall_pending(vcpu) || dom.is_stopping()
+                })
+            });
+            ret(Ok(0))
+        }
+        SCHEDOP_POLL => ret(poll(dom, vcpu, reason)),
         _ => ret(Err(Errno::EINVAL)),
     }
 }
 
+/// `SCHEDOP_POLL`: sleeps until one of the ports is pending or the timeout passes.
+fn poll(dom: &DomainShared, vcpu: u32, gpa: u64) -> HcResult {
+    let p: SchedPoll = dom.mem.read_obj(gpa).map_err(|_| Errno::EFAULT)?;
+    if p.reserved != 0 || p.nr_ports == 0 || p.nr_ports > SCHED_POLL_MAX_PORTS {
+        return Err(Errno::EINVAL);
+    }
+    let mut ports = [0u32; SCHED_POLL_MAX_PORTS as usize];
+    let ports = &mut ports[..p.nr_ports as usize];
+    dom.mem
+        .read_ram(p.ports_gpa, zerocopy::IntoBytes::as_mut_bytes(ports))
+        .map_err(|_| Errno::EFAULT)?;
+    let nr = hv_abi::shared_info::NR_EVENT_CHANNELS as u32;
+    if ports.iter().any(|p| *p == 0 || *p >= nr) {
+        return Err(Errno::EINVAL);
+    }
+    let deadline = (p.timeout != 0).then(|| dom.time.instant_of(p.timeout));
+    dom.out_of_guest(vcpu, || {
+        dom.upcall.wait_until(deadline, || {
+            dom.is_stopping() || ports.iter().any(|p| dom.evtchn.is_pending(*p))
+        })
+    });
+    Ok(0)
+}
+
 fn vcpu_op(dom: &DomainShared, cmd: u64, target: u64, gpa: u64) -> HcResult {
-    if !matches!(cmd, VCPUOP_INITIALISE | VCPUOP_UP | VCPUOP_IS_UP) {
+    if !matches!(
+        cmd,
+        VCPUOP_INITIALISE | VCPUOP_UP | VCPUOP_IS_UP | VCPUOP_SET_UPCALL_VECTOR
+    ) {
         return Err(Errno::EINVAL);
     }
     if target >= u64::from(dom.nr_vcpus) {
         return Err(Errno::EINVAL);
+    }
+    if cmd == VCPUOP_SET_UPCALL_VECTOR {
+        let vector = gpa;
+        if vector != 0 && !(UPCALL_VECTOR_MIN..=UPCALL_VECTOR_MAX).contains(&vector) {
+            return Err(Errno::EINVAL);
+        }
+        dom.upcall
+            .set_vector(&dom.vm, target as u32, vector as u8)
+            .map_err(|e| {
+                tracing::error!(error = %e, "setting the upcall vector failed");
+                Errno::EIO
+            })?;
+        return Ok(0);
     }
     let idx = target as usize;
     let mut slots = dom.vcpu_states.lock().map_err(|_| Errno::EIO)?;

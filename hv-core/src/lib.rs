@@ -12,12 +12,18 @@ pub mod coherence;
 pub mod console;
 pub mod cpuid;
 pub mod domain;
+pub mod evtchn;
+pub mod grant;
 pub mod hypercall;
+pub mod hypervisor;
 pub mod loader;
 pub mod memory;
 pub mod mmu;
 pub mod outcome;
+pub mod registry;
 pub mod stats;
+pub mod time;
+pub mod upcall;
 pub mod vcpu;
 
 pub use console::ConsoleSink;

@@ -106,6 +106,11 @@ impl Vcpu {
         })
     }
 
+    /// The KVM vCPU.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// The vCPU index.
     pub fn id(&self) -> u32 {
         self.id
@@ -165,7 +170,18 @@ impl Vcpu {
         };
         if let Some(ctx) = ctx {
             tracing::debug!(vcpu = self.id, rip = ctx.rip, "vCPU up");
-            match self.set_boot_state(ctx.rip, ctx.rsp, ctx.arg, ctx.cr3) {
+            // With the in-kernel irqchip an application processor waits for INIT/SIPI;
+            // vcpu_op starts it directly instead.
+            let runnable = self
+                .fd
+                .set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(|source| DomainError::Kvm {
+                    what: "set MP state",
+                    source,
+                });
+            match runnable.and_then(|()| self.set_boot_state(ctx.rip, ctx.rsp, ctx.arg, ctx.cr3)) {
                 Ok(()) => self.run(dom),
                 Err(e) => dom.finish(Outcome::Crash(Box::new(CrashReport::without_regs(
                     self.id,
@@ -184,6 +200,9 @@ impl Vcpu {
         IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
         // SAFETY: pthread_self has no preconditions.
         dom.set_thread(self.id, Some(unsafe { libc::pthread_self() }));
+        if let Err(e) = dom.time.publish_vcpu(&dom.mem, &self.fd, self.id) {
+            tracing::warn!(vcpu = self.id, error = %e, "system time not published");
+        }
         self.run_loop(dom);
         dom.set_thread(self.id, None);
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));

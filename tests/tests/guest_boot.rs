@@ -36,7 +36,8 @@ fn demo_prints_its_banner_and_exits_zero() {
     let first = run.console.lines().next().unwrap_or_default();
     assert!(first.contains("hv demo kernel"), "banner: {first:?}");
     assert!(
-        run.console.contains("ABI v1.0"),
+        run.console
+            .contains(&format!("ABI v{}.{}", hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR)),
         "console:\n{}",
         run.console
     );
@@ -125,7 +126,10 @@ fn cpuid_leaves_identify_hv() {
         "{}",
         run.console
     );
-    assert_eq!(run.int("cpuid_version"), 0x1_0000);
+    assert_eq!(
+        run.int("cpuid_version"),
+        hv_abi::version::packed_version(hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR) as u64
+    );
     assert_eq!(run.int("cpuid_features") as u64, FEATURES.bits());
     assert_eq!(
         run.int("cpuid_port"),
@@ -146,7 +150,10 @@ fn hypercall_argument_errors() {
     assert_eq!(run.int("shutdown_bad_reason"), Errno::EINVAL.to_ret());
     assert_eq!(run.int("shutdown_bad_code"), Errno::EINVAL.to_ret());
     assert_eq!(run.int("yield"), 0);
-    assert_eq!(run.int("version"), 0x1_0000);
+    assert_eq!(
+        run.int("version"),
+        hv_abi::version::packed_version(hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR) as u64
+    );
     assert_eq!(run.int("features") as u64, FEATURES.bits());
     let s = &run.report.stats;
     assert_eq!(s.unknown_ops().count, 1);
@@ -188,7 +195,12 @@ fn hypercall_from_cpl3_is_refused_unless_allowed() {
             ..DomainConfig::default()
         },
     );
-    assert_eq!(allowed.int("cpl3_version"), 0x1_0000, "{}", allowed.console);
+    assert_eq!(
+        allowed.int("cpl3_version"),
+        hv_abi::version::packed_version(hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR) as u64,
+        "{}",
+        allowed.console
+    );
 }
 
 #[test]

@@ -45,7 +45,10 @@ fn every_rule_through_the_hypercall_path() {
         ("uva_bad_flags", e(Errno::EINVAL)),
         ("uva_hv_range", e(Errno::EINVAL)),
         ("multicall", 0),
-        ("mc0", 0x1_0000),
+        (
+            "mc0",
+            hv_abi::version::packed_version(hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR) as u64,
+        ),
         ("mc1", e(Errno::EACCES)),
         ("mc2", e(Errno::EINVAL)),
         ("mc3", e(Errno::EINVAL)),

@@ -1,0 +1,147 @@
+//! Several domains in one hypervisor: creation, connections, and running them
+//! concurrently.
+//!
+//! Each domain runs on its own threads (one per vCPU). A domain that crashes or shuts
+//! down is destroyed (its event channels and grants released) while the others go
+//! on; [`Hypervisor::run`] returns when all have ended, with a report for each.
+
+use std::sync::Arc;
+
+use kvm_ioctls::Kvm;
+
+use crate::domain::{Domain, DomainConfig, DomainError, DomainReport, MAX_DOMID};
+use crate::loader::KernelImage;
+use crate::registry::Registry;
+
+/// Domains to run together.
+pub struct Hypervisor {
+    kvm: Kvm,
+    registry: Arc<Registry>,
+    domains: Vec<Domain>,
+}
+
+/// The result of one domain of a [`Hypervisor::run`].
+#[derive(Debug)]
+pub struct DomainResult {
+    /// The domain's name.
+    pub name: String,
+    /// The domain's id.
+    pub domid: u32,
+    /// Its report, or why it could not run.
+    pub report: Result<DomainReport, DomainError>,
+}
+
+impl Hypervisor {
+    /// A hypervisor with no domains.
+    pub fn new(kvm: Kvm) -> Hypervisor {
+        Hypervisor {
+            kvm,
+            registry: Registry::new(),
+            domains: Vec::new(),
+        }
+    }
+
+    /// The KVM handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The live domains.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The lowest domain id no created domain uses (starting at 1).
+    pub fn free_domid(&self) -> u32 {
+        (1..MAX_DOMID)
+            .find(|id| !self.domains.iter().any(|d| d.shared().domid == *id))
+            .unwrap_or(MAX_DOMID)
+    }
+
+    /// Creates a domain (not running yet). Returns its id.
+    pub fn create_domain(
+        &mut self,
+        config: DomainConfig,
+        image: &KernelImage,
+    ) -> Result<u32, DomainError> {
+        let d = Domain::create_in(&self.kvm, &self.registry, config, image)?;
+        let id = d.shared().domid;
+        self.domains.push(d);
+        Ok(id)
+    }
+
+    /// The created domain with id `domid`.
+    pub fn domain(&self, domid: u32) -> Option<&Domain> {
+        self.domains.iter().find(|d| d.shared().domid == domid)
+    }
+
+    /// Connects domains `a` and `b` with an interdomain event channel before they run,
+    /// and tells each about the other on its command line:
+    /// `evtchn.<peer name>=<local port> domid.<peer name>=<peer id>`.
+    /// Returns (a's port, b's port).
+    pub fn connect(&mut self, a: u32, b: u32) -> Result<(u32, u32), DomainError> {
+        let (Some(da), Some(db)) = (self.domain(a), self.domain(b)) else {
+            return Err(DomainError::BadDomainId(if self.domain(a).is_none() {
+                a
+            } else {
+                b
+            }));
+        };
+        let (sa, sb) = (da.shared().clone(), db.shared().clone());
+        let (pa, pb) = crate::evtchn::connect(&sa, &sb).map_err(DomainError::Connect)?;
+        sa.append_cmdline(&format!(
+            "evtchn.{}={pa} domid.{}={}",
+            sb.name, sb.name, sb.domid
+        ))?;
+        sb.append_cmdline(&format!(
+            "evtchn.{}={pb} domid.{}={}",
+            sa.name, sa.name, sa.domid
+        ))?;
+        Ok((pa, pb))
+    }
+
+    /// Runs every domain concurrently until all have ended. Results are in creation
+    /// order.
+    pub fn run(self) -> Vec<DomainResult> {
+        let mut handles = Vec::new();
+        let mut results = Vec::new();
+        for d in self.domains {
+            let name = d.shared().name.clone();
+            let domid = d.shared().domid;
+            let spawned = std::thread::Builder::new()
+                .name(format!("dom-{name}"))
+                .spawn(move || d.run());
+            match spawned {
+                Ok(h) => handles.push((name, domid, Some(h))),
+                Err(e) => {
+                    results.push(DomainResult {
+                        name: name.clone(),
+                        domid,
+                        report: Err(DomainError::Thread(e)),
+                    });
+                    handles.push((name, domid, None));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (name, domid, h) in handles {
+            let Some(h) = h else {
+                if let Some(i) = results.iter().position(|r| r.domid == domid) {
+                    out.push(results.remove(i));
+                }
+                continue;
+            };
+            let report = h.join().unwrap_or_else(|_| {
+                Err(DomainError::Thread(std::io::Error::other(
+                    "the domain thread panicked",
+                )))
+            });
+            out.push(DomainResult {
+                name,
+                domid,
+                report,
+            });
+        }
+        out
+    }
+}
