@@ -128,7 +128,10 @@ fn cpuid_leaves_identify_hv() {
     );
     assert_eq!(
         run.int("cpuid_version"),
-        hv_abi::version::packed_version(hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR) as u64
+        i64::from(hv_abi::version::packed_version(
+            hv_abi::ABI_MAJOR,
+            hv_abi::ABI_MINOR
+        ))
     );
     assert_eq!(run.int("cpuid_features") as u64, FEATURES.bits());
     assert_eq!(
@@ -152,7 +155,10 @@ fn hypercall_argument_errors() {
     assert_eq!(run.int("yield"), 0);
     assert_eq!(
         run.int("version"),
-        hv_abi::version::packed_version(hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR) as u64
+        i64::from(hv_abi::version::packed_version(
+            hv_abi::ABI_MAJOR,
+            hv_abi::ABI_MINOR
+        ))
     );
     assert_eq!(run.int("features") as u64, FEATURES.bits());
     let s = &run.report.stats;
@@ -197,7 +203,10 @@ fn hypercall_from_cpl3_is_refused_unless_allowed() {
     );
     assert_eq!(
         allowed.int("cpl3_version"),
-        hv_abi::version::packed_version(hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR) as u64,
+        i64::from(hv_abi::version::packed_version(
+            hv_abi::ABI_MAJOR,
+            hv_abi::ABI_MINOR
+        )),
         "{}",
         allowed.console
     );

@@ -47,7 +47,10 @@ fn every_rule_through_the_hypercall_path() {
         ("multicall", 0),
         (
             "mc0",
-            hv_abi::version::packed_version(hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR) as u64,
+            i64::from(hv_abi::version::packed_version(
+                hv_abi::ABI_MAJOR,
+                hv_abi::ABI_MINOR,
+            )),
         ),
         ("mc1", e(Errno::EACCES)),
         ("mc2", e(Errno::EINVAL)),
