@@ -102,6 +102,68 @@ pub fn scenario_with(name: &str, extra: &str, mut config: DomainConfig) -> Guest
 }
 
 /// ELF surgery on a valid kernel, for the loader's rejection tests.
+/// One domain of a [`run_domains`] test: a test-guest scenario.
+#[derive(Clone, Debug)]
+pub struct DomSpec {
+    /// Domain name (also what connected peers see in `evtchn.<name>=`).
+    pub name: &'static str,
+    /// Command line (for the test guest: `scenario=... ...`).
+    pub cmdline: String,
+    /// vCPUs.
+    pub vcpus: u32,
+}
+
+impl DomSpec {
+    /// A one-vCPU test-guest domain running `cmdline`.
+    pub fn new(name: &'static str, cmdline: impl Into<String>) -> DomSpec {
+        DomSpec {
+            name,
+            cmdline: cmdline.into(),
+            vcpus: 1,
+        }
+    }
+}
+
+/// Runs several test-guest domains together in one [`hv_core::hypervisor::Hypervisor`],
+/// domain ids 1, 2, ... in order, with interdomain event channels between the pairs of
+/// indices in `connect` (see `Hypervisor::connect` for what each guest is told). Returns
+/// each domain's run, in order. Panics if a domain cannot be created or run.
+pub fn run_domains(specs: &[DomSpec], connect: &[(usize, usize)]) -> Vec<GuestRun> {
+    let image = hv_core::loader::KernelImage::from_elf(TEST_GUEST).expect("test guest loads");
+    let mut hv = hv_core::hypervisor::Hypervisor::new(kvm());
+    let mut bufs = Vec::new();
+    let mut ids = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let (sink, buf) = ConsoleSink::capture();
+        let config = DomainConfig {
+            name: s.name.to_string(),
+            domid: i as u32 + 1,
+            cmdline: s.cmdline.clone(),
+            vcpus: s.vcpus,
+            console: sink,
+            ..DomainConfig::default()
+        };
+        ids.push(
+            hv.create_domain(config, &image)
+                .unwrap_or_else(|e| panic!("create {}: {e}", s.name)),
+        );
+        bufs.push(buf);
+    }
+    for (a, b) in connect {
+        hv.connect(ids[*a], ids[*b]).expect("connect domains");
+    }
+    hv.run()
+        .into_iter()
+        .zip(bufs)
+        .map(|(r, buf)| {
+            let report = r.report.unwrap_or_else(|e| panic!("run {}: {e}", r.name));
+            let console =
+                String::from_utf8_lossy(&buf.lock().expect("console buffer")).into_owned();
+            GuestRun { report, console }
+        })
+        .collect()
+}
+
 pub mod elf_edit {
     use object::elf::{FileHeader64, ProgramHeader64, PT_LOAD, PT_NOTE};
     use object::read::elf::{FileHeader, ProgramHeader};
