@@ -151,6 +151,11 @@ fn sched_op(dom: &DomainShared, vcpu: u32, cmd: u64, reason: u64, code: u64) -> 
                     dom.evtchn.upcall_pending(vcpu) || dom.is_stopping()
                 })
             });
+            // Events that arrived while upcalls were masked raised no interrupt: raise
+            // it now, so it is taken as soon as the guest runs with RFLAGS.IF set.
+            if dom.evtchn.upcall_pending(vcpu) {
+                dom.upcall.raise(vcpu);
+            }
             ret(Ok(0))
         }
         SCHEDOP_POLL => ret(poll(dom, vcpu, reason)),

@@ -59,9 +59,17 @@ impl GuestRun {
     /// The value of a `key=value` console line, if any.
     pub fn value(&self, key: &str) -> Option<&str> {
         let prefix = format!("{key}=");
+        // A line starting with `key=` (the value is the rest of the line), else a
+        // `key=value` word anywhere on a line.
         self.console
             .lines()
             .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .or_else(|| {
+                self.console
+                    .lines()
+                    .flat_map(str::split_whitespace)
+                    .find_map(|w| w.strip_prefix(prefix.as_str()))
+            })
     }
 
     /// The value of a `key=value` line parsed as an integer; panics with the console
@@ -70,7 +78,7 @@ impl GuestRun {
         let v = self
             .value(key)
             .unwrap_or_else(|| panic!("no {key}= line in console output:\n{}", self.console));
-        let v = v.trim();
+        let v = v.split_whitespace().next().unwrap_or("");
         let parsed = if let Some(hex) = v.strip_prefix("0x") {
             i64::from_str_radix(hex, 16).ok()
         } else {

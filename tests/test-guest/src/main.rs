@@ -26,6 +26,7 @@
 #![no_std]
 #![no_main]
 
+mod evtchn;
 mod mmu;
 
 use core::cell::UnsafeCell;
@@ -67,6 +68,11 @@ fn main(si: &'static StartInfo) -> ! {
         b"hypercalls" => hypercalls(),
         b"cpuid" => cpuid_leaves(),
         b"vcpus" => vcpus(si),
+        b"evtchn-local" => evtchn::local(si),
+        b"evtchn-ping" => evtchn::ping_pong(si, true),
+        b"evtchn-pong" => evtchn::ping_pong(si, false),
+        b"evtchn-hostile" => evtchn::hostile(si),
+        b"evtchn-die" => evtchn::die(si),
         b"mmu" => mmu::run(si),
         b"trapped-write" => mmu::trapped_write(si),
         b"ring3-remap" => ring3_remap(si, 0),

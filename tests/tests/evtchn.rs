@@ -1,0 +1,165 @@
+//! Event channels, upcalls, timers, block and poll on real KVM (SPEC.md 8.3, 8.6, 8.7).
+
+use tests::{kvm_available, run_domains, scenario, DomSpec, GuestRun};
+
+const EINVAL: i64 = -22;
+const EBADF: i64 = -9;
+const EEXIST: i64 = -17;
+const EFAULT: i64 = -14;
+const ESRCH: i64 = -3;
+
+fn expect(run: &GuestRun, pairs: &[(&str, i64)]) {
+    for (k, v) in pairs {
+        assert_eq!(run.int(k), *v, "{k}; console:\n{}", run.console);
+    }
+}
+
+fn assert_poweroff(run: &GuestRun, code: u8) {
+    assert!(
+        matches!(run.report.outcome, hv_core::Outcome::Poweroff { code: c } if c == code),
+        "expected poweroff {code}, got {}; console:\n{}",
+        run.report.outcome,
+        run.console
+    );
+}
+
+#[test]
+fn one_domain_ports_upcalls_timer_poll() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("evtchn-local", "");
+    assert_poweroff(&run, 0);
+    assert!(run.console.contains("evtchn-local ok"), "{}", run.console);
+    expect(
+        &run,
+        &[
+            ("set_vector", 0),
+            ("set_vector_bad", EINVAL),
+            ("bind_ipi", 0),
+            ("send", 0),
+            // The IPI's upcall ran, for the right port.
+            ("upcalls_after_send", 1),
+            ("last_port", run.int("ipi_port")),
+            // Masked: pending, no upcall; unmask delivers.
+            ("masked_upcalls", 0),
+            ("masked_pending", 1),
+            ("unmask", 0),
+            ("unmasked_upcalls", 1),
+            // 1000 sends coalesce into one event and one upcall.
+            ("flood_failed", 0),
+            ("flood_upcall_pending", 1),
+            ("flood_upcalls", 1),
+            ("flood_events", 1),
+            ("status", 0),
+            ("status_kind", 5),
+            ("status_vcpu", 0),
+            ("status_free", 0),
+            ("bind_vcpu_ipi", EINVAL),
+            ("close", 0),
+            ("send_closed", EBADF),
+            ("close_again", EBADF),
+            ("unmask_closed", EBADF),
+            ("send_port0", EINVAL),
+            ("send_port4096", EINVAL),
+            ("send_huge", EINVAL),
+            ("status_bad", EINVAL),
+            ("bad_cmd", EINVAL),
+            ("bad_gpa", EFAULT),
+            ("bind_ipi_bad_vcpu", EINVAL),
+            ("bind_virq_bad", EINVAL),
+            ("bind_virq", 0),
+            ("bind_virq_again", EEXIST),
+            ("send_virq", EINVAL),
+            ("set_timer", 0),
+            ("timer_fired", 1),
+            ("timer_blocks_lt_100", 1),
+            ("timer_waited_ge_2ms", 1),
+            ("timer_waited_lt_1s", 1),
+            ("cancel", 0),
+            ("timer_after_cancel", 0),
+            ("poll", 0),
+            ("poll_waited_ge_3ms", 1),
+            ("poll_bad_port", EINVAL),
+            ("poll_too_many", EINVAL),
+            ("poll_pending", 0),
+            ("alloc_self", 0),
+            ("bind_self", 0),
+            ("loopback_port_seen", 1),
+            ("loopback_events", 1),
+            ("loopback_status", 2),
+            ("loopback_remote_port_ok", 1),
+            // Closing one end leaves the other unbound; sends on it are dropped.
+            ("peer_closed_status", 1),
+            ("send_after_peer_close", 0),
+            ("alloc_unknown_dom", ESRCH),
+        ],
+    );
+}
+
+#[test]
+fn two_domains_ping_pong() {
+    if !kvm_available() {
+        return;
+    }
+    let runs = run_domains(
+        &[
+            DomSpec::new("ping", "scenario=evtchn-ping peer=pong rounds=50"),
+            DomSpec::new("pong", "scenario=evtchn-pong peer=ping rounds=50"),
+        ],
+        &[(0, 1)],
+    );
+    for r in &runs {
+        assert_poweroff(r, 0);
+        expect(r, &[("rounds_done", 50), ("last_port_ok", 1)]);
+        assert!(r.int("port") > 0);
+    }
+    assert!(runs[0].int("round_trip_ns") > 0);
+}
+
+#[test]
+fn hostile_binds_and_a_dying_peer() {
+    if !kvm_available() {
+        return;
+    }
+    let runs = run_domains(
+        &[
+            DomSpec::new("victim", "scenario=evtchn-hostile peer=dier"),
+            DomSpec::new("dier", "scenario=evtchn-die"),
+        ],
+        &[(0, 1)],
+    );
+    // The peer's death does not disturb the survivor.
+    assert_poweroff(&runs[1], 7);
+    let r = &runs[0];
+    assert_poweroff(r, 0);
+    assert!(r.console.contains("evtchn-hostile ok"), "{}", r.console);
+    expect(
+        r,
+        &[
+            ("bind_not_offered", EINVAL),
+            ("bind_offered_to_other", EINVAL),
+            ("bind_bad_port", EINVAL),
+            ("bind_reserved", EINVAL),
+            ("after_peer_death_status", 1),
+            ("send_after_peer_death", 0),
+            ("alloc_for_dead", ESRCH),
+        ],
+    );
+}
+
+#[test]
+fn several_vcpus_per_domain_run_concurrently() {
+    if !kvm_available() {
+        return;
+    }
+    let mut ping = DomSpec::new("ping2", "scenario=evtchn-ping peer=pong2 rounds=10");
+    ping.vcpus = 2;
+    let mut pong = DomSpec::new("pong2", "scenario=evtchn-pong peer=ping2 rounds=10");
+    pong.vcpus = 2;
+    let runs = run_domains(&[ping, pong], &[(0, 1)]);
+    for r in &runs {
+        assert_poweroff(r, 0);
+        expect(r, &[("rounds_done", 10)]);
+    }
+}
