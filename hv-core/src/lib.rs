@@ -9,6 +9,7 @@ pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod coherence;
+pub mod config;
 pub mod console;
 pub mod cpuid;
 pub mod domain;

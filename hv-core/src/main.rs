@@ -1,9 +1,11 @@
 //! `hv`: run paravirtual guest kernels on KVM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use hv_core::config::{self, Config, ConfigError};
 use hv_core::outcome::{EXIT_INTERNAL, EXIT_USAGE};
 use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig};
 
@@ -12,7 +14,7 @@ use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig};
     name = "hv",
     version,
     about = "hv: a paravirtual hypervisor on KVM",
-    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
+    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error. With --config: 100 if any domain crashed, else the first non-zero\npoweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -21,10 +23,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a guest kernel (the embedded demo kernel if none is given).
+    /// Run a guest kernel (the embedded demo kernel if none is given), or the domains
+    /// of a configuration file.
     Run {
         /// ELF kernel built for hv (with the hv ABI note).
         kernel: Option<PathBuf>,
+        /// Run the domains and connections of a TOML file instead (SPEC.md 9.4).
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with_all = ["kernel", "mem", "vcpus", "cmdline", "allow_user_hypercalls"]
+        )]
+        config: Option<PathBuf>,
         /// Guest RAM: bytes or with a K/M/G suffix.
         #[arg(long, default_value = "64M", value_parser = cli::parse_size)]
         mem: u64,
@@ -34,7 +44,7 @@ enum Command {
         /// Kernel command line.
         #[arg(long, default_value = "")]
         cmdline: String,
-        /// Print exit statistics when the domain ends.
+        /// Print exit statistics when the domain (each domain) ends.
         #[arg(long)]
         stats: bool,
         /// Allow hypercalls from guest CPL 3.
@@ -65,7 +75,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     ExitCode::from(match cli.command {
         Command::Run {
+            config: Some(path),
+            stats,
+            ..
+        } => run_config(&path, stats),
+        Command::Run {
             kernel,
+            config: None,
             mem,
             vcpus,
             cmdline,
@@ -115,6 +131,69 @@ fn main() -> ExitCode {
             }
         },
     })
+}
+
+/// `hv run --config FILE`: checks the whole file and every kernel, creates and connects
+/// the domains, runs them together (console lines prefixed with the domain's name) and
+/// prints a summary to stderr.
+fn run_config(path: &Path, stats: bool) -> u8 {
+    let fail = |e: ConfigError| {
+        eprintln!("hv: {}: {e}", path.display());
+        if e.is_user_error() {
+            EXIT_USAGE
+        } else {
+            EXIT_INTERNAL
+        }
+    };
+    let cfg = match Config::from_file(path) {
+        Ok(c) => c,
+        Err(e @ ConfigError::Read { .. }) => {
+            eprintln!("hv: {e}");
+            return EXIT_USAGE;
+        }
+        Err(e) => return fail(e),
+    };
+    let kernels = match cfg.load_kernels(hv_core::DEMO_KERNEL) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let kvm = match domain::open_kvm() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("hv: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
+    let hv = match cfg.build(kvm, &kernels, |d| {
+        ConsoleSink::PrefixedStdout(Arc::from(d.name.as_str()))
+    }) {
+        Ok(hv) => hv,
+        Err(e) => return fail(e),
+    };
+    let results = hv.run();
+    for r in &results {
+        match &r.report {
+            Ok(report) => {
+                if let Some(c) = report.outcome.crash() {
+                    eprintln!("hv: domain {} crashed\n{c}", r.name);
+                }
+                if stats {
+                    eprintln!(
+                        "domain {} (id {}): {} (created in {:.3} ms, ran {:.3} ms)\n{}",
+                        r.name,
+                        r.domid,
+                        report.outcome,
+                        report.created_in.as_secs_f64() * 1e3,
+                        report.ran_for.as_secs_f64() * 1e3,
+                        report.stats
+                    );
+                }
+            }
+            Err(e) => eprintln!("hv: domain {} could not run: {e}", r.name),
+        }
+    }
+    eprint!("{}", config::summary(&results));
+    config::exit_code(&results)
 }
 
 fn run(kernel: Option<PathBuf>, config: DomainConfig, stats: bool) -> u8 {
