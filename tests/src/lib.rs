@@ -1,6 +1,7 @@
 //! Helpers shared by hv's integration tests: KVM availability, booting guests, and
 //! ELF surgery for the loader's rejection cases.
 
+pub mod evtchn_model;
 pub mod mmu_model;
 
 use std::sync::OnceLock;
