@@ -218,6 +218,8 @@ pub struct DomainShared {
     pub time: DomainTime,
     /// Grant tables.
     pub grants: Grants,
+    /// vCPUs sleeping in `SCHEDOP_BLOCK` or `SCHEDOP_POLL` right now.
+    pub sleeping: AtomicU64,
     /// Threads currently running vCPUs, by index (for kicks).
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
 }
@@ -258,7 +260,9 @@ impl DomainShared {
             }
         };
         set(true);
+        self.sleeping.fetch_add(1, Ordering::AcqRel);
         let r = f();
+        self.sleeping.fetch_sub(1, Ordering::AcqRel);
         set(false);
         r
     }
@@ -651,6 +655,7 @@ impl Domain {
             upcall,
             time,
             grants: Grants::new(),
+            sleeping: AtomicU64::new(0),
             threads: Mutex::new(vec![None; config.vcpus as usize]),
         });
         if !registry.insert(shared.clone()) {

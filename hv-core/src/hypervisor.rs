@@ -103,45 +103,64 @@ impl Hypervisor {
     /// Runs every domain concurrently until all have ended. Results are in creation
     /// order.
     pub fn run(self) -> Vec<DomainResult> {
-        let mut handles = Vec::new();
-        let mut results = Vec::new();
+        self.start().wait()
+    }
+
+    /// Starts every domain on its own threads and returns at once.
+    pub fn start(self) -> Running {
+        let mut domains = Vec::new();
         for d in self.domains {
-            let name = d.shared().name.clone();
-            let domid = d.shared().domid;
+            let shared = d.shared().clone();
+            let name = shared.name.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("dom-{name}"))
-                .spawn(move || d.run());
-            match spawned {
-                Ok(h) => handles.push((name, domid, Some(h))),
-                Err(e) => {
-                    results.push(DomainResult {
-                        name: name.clone(),
-                        domid,
-                        report: Err(DomainError::Thread(e)),
-                    });
-                    handles.push((name, domid, None));
-                }
-            }
+                .spawn(move || d.run())
+                .map_err(DomainError::Thread);
+            domains.push((shared, spawned));
         }
-        let mut out = Vec::new();
-        for (name, domid, h) in handles {
-            let Some(h) = h else {
-                if let Some(i) = results.iter().position(|r| r.domid == domid) {
-                    out.push(results.remove(i));
-                }
-                continue;
-            };
-            let report = h.join().unwrap_or_else(|_| {
-                Err(DomainError::Thread(std::io::Error::other(
-                    "the domain thread panicked",
-                )))
-            });
-            out.push(DomainResult {
-                name,
-                domid,
-                report,
-            });
+        Running { domains }
+    }
+}
+
+/// Domains started by [`Hypervisor::start`].
+pub struct Running {
+    domains: Vec<(
+        Arc<crate::domain::DomainShared>,
+        Result<std::thread::JoinHandle<Result<DomainReport, DomainError>>, DomainError>,
+    )>,
+}
+
+impl Running {
+    /// The running domains' shared state, in creation order.
+    pub fn domains(&self) -> impl Iterator<Item = &Arc<crate::domain::DomainShared>> {
+        self.domains.iter().map(|(d, _)| d)
+    }
+
+    /// Destroys every domain that is still running (outcome `Destroyed`).
+    pub fn destroy_all(&self) {
+        for (d, _) in &self.domains {
+            d.finish(crate::outcome::Outcome::Destroyed);
         }
-        out
+    }
+
+    /// Waits until every domain has ended. Results are in creation order.
+    pub fn wait(self) -> Vec<DomainResult> {
+        self.domains
+            .into_iter()
+            .map(|(shared, h)| {
+                let report = h.and_then(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(DomainError::Thread(std::io::Error::other(
+                            "the domain thread panicked",
+                        )))
+                    })
+                });
+                DomainResult {
+                    name: shared.name.clone(),
+                    domid: shared.domid,
+                    report,
+                }
+            })
+            .collect()
     }
 }

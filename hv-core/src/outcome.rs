@@ -166,6 +166,8 @@ pub enum Outcome {
     Reboot,
     /// Crashed.
     Crash(Box<CrashReport>),
+    /// Destroyed by the host (for example at the end of a benchmark) while running.
+    Destroyed,
 }
 
 impl Outcome {
@@ -173,7 +175,7 @@ impl Outcome {
     pub fn exit_code(&self) -> u8 {
         match self {
             Outcome::Poweroff { code } => *code,
-            Outcome::Reboot => 0,
+            Outcome::Reboot | Outcome::Destroyed => 0,
             Outcome::Crash(_) => EXIT_CRASH,
         }
     }
@@ -193,6 +195,7 @@ impl fmt::Display for Outcome {
             Outcome::Poweroff { code } => write!(f, "powered off with code {code}"),
             Outcome::Reboot => write!(f, "requested a reboot (hv does not restart domains)"),
             Outcome::Crash(c) => write!(f, "crashed: {}", c.reason),
+            Outcome::Destroyed => write!(f, "destroyed by the host"),
         }
     }
 }
