@@ -50,6 +50,9 @@ fn printable(bytes: &[u8]) -> &str {
 
 fn main(si: &'static StartInfo) -> ! {
     let cmd = si.cmdline_bytes();
+    if cmdline::value(cmd, b"role") == Some(b"idle") {
+        idle();
+    }
     println!("hv demo kernel: hello from a paravirtual guest");
     println!(
         "  ABI v{}.{} (built for v{}.{}), features {}",
@@ -99,4 +102,19 @@ fn main(si: &'static StartInfo) -> ! {
     };
     println!("demo: done, powering off with code {code}");
     guest_sdk::poweroff(code)
+}
+
+/// `role=idle`: boot and sleep in `SCHEDOP_BLOCK` forever, printing nothing (what
+/// `hv bench density` boots by the hundred). Wakes only if an event arrives, and
+/// sleeps again.
+fn idle() -> ! {
+    loop {
+        // SAFETY: sched_op(SCHEDOP_BLOCK) takes no pointers.
+        unsafe {
+            guest_sdk::hypercall::hypercall1(
+                guest_sdk::hv_abi::Op::SchedOp,
+                guest_sdk::hv_abi::sched::SCHEDOP_BLOCK,
+            );
+        }
+    }
 }
