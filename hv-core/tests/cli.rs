@@ -152,7 +152,9 @@ fn bench_json_reports_every_result_with_ratios() {
             "kvm_create_floor",
             "domain_boot",
             "mmu_trapped_write",
-            "mmu_batch_512"
+            "mmu_batch_512",
+            "irq_floor",
+            "memcpy_4k"
         ]
     );
     for r in results {
@@ -167,4 +169,6 @@ fn bench_json_reports_every_result_with_ratios() {
     assert_eq!(by("domain_boot")["vs"], "kvm_create_floor");
     assert_eq!(by("mmu_batch_512")["vs"], "mmu_trapped_write");
     assert!(by("exit_floor")["vs"].is_null());
+    assert_eq!(by("irq_floor")["unit"], "us");
+    assert_eq!(by("memcpy_4k")["unit"], "GB/s");
 }
