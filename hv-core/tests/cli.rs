@@ -39,7 +39,8 @@ fn run_demo_prints_banner_and_exits_zero() {
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("hv demo kernel"), "{stdout}");
-    assert!(stdout.contains("ABI v1.0"), "{stdout}");
+    let abi = format!("ABI v{}.{}", hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR);
+    assert!(stdout.contains(&abi), "{stdout}");
 }
 
 #[test]
@@ -125,7 +126,8 @@ fn bad_input_exits_2_with_a_message() {
 fn version_and_help() {
     let out = hv(&["version"]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(text(&out.stdout).contains("ABI 1.0"));
+    let abi = format!("ABI {}.{}", hv_abi::ABI_MAJOR, hv_abi::ABI_MINOR);
+    assert!(text(&out.stdout).contains(&abi), "{}", text(&out.stdout));
     let out = hv(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).contains("Examples"));
@@ -152,9 +154,7 @@ fn bench_json_reports_every_result_with_ratios() {
             "kvm_create_floor",
             "domain_boot",
             "mmu_trapped_write",
-            "mmu_batch_512",
-            "irq_floor",
-            "memcpy_4k"
+            "mmu_batch_512"
         ]
     );
     for r in results {
@@ -169,6 +169,287 @@ fn bench_json_reports_every_result_with_ratios() {
     assert_eq!(by("domain_boot")["vs"], "kvm_create_floor");
     assert_eq!(by("mmu_batch_512")["vs"], "mmu_trapped_write");
     assert!(by("exit_floor")["vs"].is_null());
-    assert_eq!(by("irq_floor")["unit"], "us");
-    assert_eq!(by("memcpy_4k")["unit"], "GB/s");
+}
+
+// ---- hv run --config ----
+
+/// The test guest kernel (tests/test-guest), built once per test process.
+fn test_guest() -> &'static std::path::Path {
+    static ELF: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    ELF.get_or_init(|| {
+        let root = guest_build::workspace_root(env!("CARGO_MANIFEST_DIR"), 1);
+        guest_build::build_guest(&root, "test-guest", "test-guest")
+    })
+}
+
+/// A fresh directory for one test's configuration files.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("hv-cli-config-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    /// Writes `name` in the directory and returns its path as a string.
+    fn write(&self, name: &str, contents: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents).expect("write config");
+        p.to_str().expect("UTF-8 temp path").to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `[[domain]]` table running the test guest with `cmdline`.
+fn guest_domain(name: &str, cmdline: &str) -> String {
+    format!(
+        "[[domain]]\nname = \"{name}\"\nkernel = \"{}\"\ncmdline = \"{cmdline}\"\n",
+        test_guest().display()
+    )
+}
+
+/// The summary line of domain `name` (stderr lines start with the name).
+fn summary_line<'a>(stderr: &'a str, name: &str) -> &'a str {
+    let prefix = format!("{name} ");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with(&prefix)).collect();
+    assert_eq!(lines.len(), 1, "one summary line for {name}: {stderr}");
+    lines[0]
+}
+
+#[test]
+fn config_runs_connected_domains_with_prefixed_output_and_a_summary() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("connected");
+    // A relative kernel path is relative to the configuration file's directory.
+    std::fs::copy(test_guest(), dir.0.join("guest.elf")).expect("copy test guest");
+    let cfg = dir.write(
+        "two.toml",
+        "[[domain]]\nname = \"left\"\nkernel = \"guest.elf\"\ncmdline = \"scenario=cmdline\"\n\
+         [[domain]]\nname = \"right-2\"\nkernel = \"guest.elf\"\ncmdline = \"scenario=cmdline x=1\"\n\
+         domid = 7\nmemory = \"16M\"\nvcpus = 2\n\
+         [[domain]]\nname = \"lone\"\nkernel = \"guest.elf\"\ncmdline = \"scenario=cmdline\"\n\
+         [[connection]]\nbetween = [\"left\", \"right-2\"]\n",
+    );
+    let out = hv(&["run", "--config", &cfg]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let cmdline_of = |name: &str| {
+        let prefix = format!("[{name}] cmdline=");
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with(&prefix)).collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        lines[0][prefix.len()..].to_string()
+    };
+    // Each side is told the other's port and id; the unconnected domain nothing.
+    let left: Vec<String> = cmdline_of("left").split(' ').map(String::from).collect();
+    assert_eq!(left[0], "scenario=cmdline");
+    assert!(left[1].starts_with("evtchn.right-2="), "{left:?}");
+    assert!(left[1]["evtchn.right-2=".len()..].parse::<u32>().unwrap() > 0);
+    assert_eq!(left[2..], ["domid.right-2=7"]);
+    let right: Vec<String> = cmdline_of("right-2").split(' ').map(String::from).collect();
+    assert_eq!(right[..2], ["scenario=cmdline", "x=1"]);
+    assert!(right[2].starts_with("evtchn.left="), "{right:?}");
+    // left got the lowest free id, 1; lone the next, 2.
+    assert_eq!(right[3..], ["domid.left=1"]);
+    assert_eq!(cmdline_of("lone"), "scenario=cmdline");
+    // Every stdout line carries a domain prefix.
+    assert!(stdout.lines().all(|l| l.starts_with('[')), "{stdout}");
+
+    for (name, id) in [("left", 1), ("right-2", 7), ("lone", 2)] {
+        let line = summary_line(&stderr, name);
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[1], id.to_string(), "{line}");
+        assert!(
+            cols[2].parse::<f64>().unwrap() > 0.0 && cols[3] == "ms",
+            "{line}"
+        );
+        assert!(line.ends_with("powered off with code 0"), "{line}");
+    }
+}
+
+#[test]
+fn config_crash_of_one_domain_leaves_the_other_running_and_exits_100() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("crash");
+    let cfg = dir.write(
+        "crash.toml",
+        &[
+            // A crash outranks a non-zero poweroff code earlier in the file.
+            guest_domain("seven", "scenario=exit code=7"),
+            guest_domain("crasher", "scenario=panic"),
+            guest_domain("worker", "scenario=mmu"),
+            "[[connection]]\nbetween = [\"worker\", \"crasher\"]\n".into(),
+        ]
+        .concat(),
+    );
+    let out = hv(&["run", "--config", &cfg, "--stats"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(100), "{stdout}\n{stderr}");
+    assert!(stdout.contains("[crasher] panic: boom"), "{stdout}");
+    // The worker ran its whole scenario (the last check it prints is mc4) and powered
+    // off normally, whatever the crasher did.
+    assert!(stdout.contains("[worker] mc4=-38"), "{stdout}");
+    assert!(stderr.contains("hv: domain crasher crashed"), "{stderr}");
+    assert!(
+        summary_line(&stderr, "crasher").contains("crashed: the guest reported a crash"),
+        "{stderr}"
+    );
+    assert!(
+        summary_line(&stderr, "worker").ends_with("powered off with code 0"),
+        "{stderr}"
+    );
+    // --stats: each domain's exit statistics.
+    assert!(
+        stderr.contains("domain crasher (id 2): crashed")
+            && stderr.contains("domain worker (id 3)"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("exits by reason").count(), 3, "{stderr}");
+    assert!(
+        summary_line(&stderr, "seven").ends_with("powered off with code 7"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_exit_status_is_the_first_nonzero_poweroff_code() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("codes");
+    let cfg = dir.write(
+        "codes.toml",
+        &[
+            guest_domain("zero", "scenario=hello"),
+            guest_domain("five", "scenario=exit code=5"),
+            guest_domain("three", "scenario=exit code=3"),
+            // The embedded demo kernel, when no kernel is given.
+            "[[domain]]\nname = \"demo\"\ncmdline = \"exit=4\"\n".into(),
+        ]
+        .concat(),
+    );
+    let out = hv(&["run", "--config", &cfg]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(5), "{stdout}\n{stderr}");
+    assert!(stdout.contains("[zero] test-guest: hello"), "{stdout}");
+    assert!(stdout.contains("[demo] hv demo kernel"), "{stdout}");
+    for (name, code) in [("zero", 0), ("five", 5), ("three", 3), ("demo", 4)] {
+        let line = summary_line(&stderr, name);
+        assert!(
+            line.ends_with(&format!("powered off with code {code}")),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn config_errors_exit_2_before_any_domain_runs() {
+    let dir = TempDir::new("errors");
+    let guest = test_guest().display().to_string();
+    std::fs::write(dir.0.join("junk.elf"), b"this is not a kernel").unwrap();
+    let two = |extra: &str| {
+        format!(
+            "[[domain]]\nname = \"a\"\nkernel = \"{guest}\"\ncmdline = \"scenario=hello\"\n\
+             [[domain]]\nname = \"b\"\nkernel = \"{guest}\"\ncmdline = \"scenario=hello\"\n{extra}"
+        )
+    };
+    let many: String = (0..=4096)
+        .map(|i| format!("[[domain]]\nname = \"d{i}\"\n"))
+        .collect();
+    let cases: Vec<(String, &str)> = vec![
+        (two("memroy = \"1M\"\n"), "unknown field `memroy`"),
+        (
+            two("[[domain]]\nname = \"a\"\n"),
+            "domain \"a\" is defined twice",
+        ),
+        (
+            "[[domain]]\nname = \"a\"\ndomid = 3\n[[domain]]\nname = \"b\"\ndomid = 3\n".into(),
+            "domains \"a\" and \"b\" both have domain id 3",
+        ),
+        (
+            "[[domain]]\nname = \"a\"\ndomid = 32752\n".into(),
+            "domain \"a\": domid: 32752 is out of range",
+        ),
+        (
+            two("[[connection]]\nbetween = [\"a\", \"c\"]\n"),
+            "connection #1: no domain is named \"c\"",
+        ),
+        (
+            two("[[connection]]\nbetween = [\"b\", \"b\"]\n"),
+            "connection #1: domain \"b\" cannot be connected to itself",
+        ),
+        (many, "4097 domains; a configuration has at most 4096"),
+        (
+            "[[domain]]\nname = \"a\"\nmemory = \"12X\"\n".into(),
+            "domain \"a\": memory: invalid size \"12X\"",
+        ),
+        (
+            "[[domain]]\nname = \"a\"\nmemory = \"1M\"\n".into(),
+            "domain \"a\": memory: 1048576 bytes",
+        ),
+        (
+            "[[domain]]\nname = \"a\"\nvcpus = 0\n".into(),
+            "domain \"a\": vcpus: 0",
+        ),
+        (
+            "[[domain]]\nname = \"bad name\"\n".into(),
+            "domain #1: invalid name \"bad name\"",
+        ),
+        (
+            "[[domain]]\nname = \"a\"\nkernel = \"missing.elf\"\n".into(),
+            "domain \"a\": cannot read kernel",
+        ),
+        (
+            "[[domain]]\nname = \"a\"\nkernel = \"junk.elf\"\n".into(),
+            "junk.elf refused: not a valid ELF",
+        ),
+        ("".into(), "no domains"),
+        ("[[domain]\n".into(), "TOML parse error"),
+    ];
+    for (i, (config, want)) in cases.iter().enumerate() {
+        let cfg = dir.write(&format!("bad{i}.toml"), config);
+        let out = hv(&["run", "--config", &cfg]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(2), "{want}: {stderr}");
+        // Named after the file, and nothing ran.
+        assert!(stderr.starts_with(&format!("hv: {cfg}: ")), "{stderr}");
+        assert!(stderr.contains(want), "{stderr:?} lacks {want:?}");
+        assert!(stdout.is_empty(), "{stdout}");
+    }
+
+    let out = hv(&["run", "--config", "/nonexistent/hv.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot read /nonexistent/hv.toml"),
+        "{}",
+        text(&out.stderr)
+    );
+    // --config replaces the single-domain options.
+    let cfg = dir.write("ok.toml", &two(""));
+    for extra in [
+        &["k.elf"][..],
+        &["--mem", "64M"],
+        &["--vcpus", "2"],
+        &["--cmdline", "x"],
+    ] {
+        let mut args = vec!["run", "--config", &cfg];
+        args.extend_from_slice(extra);
+        let out = hv(&args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        assert!(
+            text(&out.stderr).contains("cannot be used with"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
 }
