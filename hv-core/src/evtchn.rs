@@ -53,7 +53,8 @@ struct Port {
     vcpu: u32,
 }
 
-/// A domain's port table.
+/// A domain's port table. It grows with the highest port allocated (most domains use
+/// a handful of ports, and a full table would cost 32 KiB per domain).
 #[derive(Debug)]
 pub struct PortTable {
     ports: Vec<Port>,
@@ -64,28 +65,38 @@ pub struct PortTable {
 impl PortTable {
     fn new(nr_vcpus: u32) -> PortTable {
         PortTable {
-            ports: vec![
-                Port {
-                    state: PortState::Free,
-                    vcpu: 0
-                };
-                NR_EVENT_CHANNELS
-            ],
+            // Port 0 is never allocated.
+            ports: vec![FREE],
             virqs: vec![[0; NR_VIRQS as usize]; nr_vcpus as usize],
         }
     }
 
     fn alloc(&mut self, state: PortState, vcpu: u32) -> Result<u32, Errno> {
-        let p = (1..NR_EVENT_CHANNELS)
-            .find(|p| self.ports[*p].state == PortState::Free)
-            .ok_or(Errno::ENOSPC)?;
+        let p = match (1..self.ports.len()).find(|p| self.ports[*p].state == PortState::Free) {
+            Some(p) => p,
+            None if self.ports.len() < NR_EVENT_CHANNELS => {
+                self.ports.push(FREE);
+                self.ports.len() - 1
+            }
+            None => return Err(Errno::ENOSPC),
+        };
         self.ports[p] = Port { state, vcpu };
         Ok(p as u32)
     }
 
+    /// Port `p` (Free beyond the table's end).
+    fn at(&self, p: usize) -> Port {
+        self.ports.get(p).copied().unwrap_or(FREE)
+    }
+
+    /// Port `p` for changing; the caller has checked that it is allocated.
+    fn at_mut(&mut self, p: usize) -> Option<&mut Port> {
+        self.ports.get_mut(p)
+    }
+
     fn get(&self, port: u32) -> Result<Port, Errno> {
         let p = valid_port(port)?;
-        let port = self.ports[p];
+        let port = self.at(p);
         if port.state == PortState::Free {
             return Err(Errno::EBADF);
         }
@@ -99,6 +110,11 @@ impl PortTable {
             .map_or(PortState::Free, |p| p.state)
     }
 }
+
+const FREE: Port = Port {
+    state: PortState::Free,
+    vcpu: 0,
+};
 
 fn valid_port(port: u32) -> Result<usize, Errno> {
     if port == 0 || port as usize >= NR_EVENT_CHANNELS {
@@ -288,8 +304,8 @@ pub fn bind_interdomain(
     let (local, port) = {
         let (mut mine, mut theirs) = lock_pair(dom, &rdom)?;
         let rstate = match theirs.as_ref() {
-            Some(t) => t.ports[rp].state,
-            None => mine.ports[rp].state,
+            Some(t) => t.at(rp).state,
+            None => mine.at(rp).state,
         };
         if rstate != (PortState::Unbound { remote: dom.domid }) {
             return Err(Errno::EINVAL);
@@ -305,11 +321,14 @@ pub fn bind_interdomain(
             remote: dom.domid,
             remote_port: local,
         };
-        match theirs.as_mut() {
-            Some(t) => t.ports[rp].state = peer,
-            None => mine.ports[rp].state = peer,
+        let slot = match theirs.as_mut() {
+            Some(t) => t.at_mut(rp),
+            None => mine.at_mut(rp),
+        };
+        if let Some(slot) = slot {
+            slot.state = peer;
         }
-        (local, mine.ports[local as usize])
+        (local, mine.at(local as usize))
     };
     dom.evtchn.clear_pending(local);
     if mark_pending {
@@ -373,16 +392,19 @@ pub fn close(dom: &DomainShared, port: u32) -> Result<(), Errno> {
         }
     }
     let mut t = dom.evtchn.lock()?;
-    if let PortState::Virq(virq) = t.ports[p].state {
-        let v = t.ports[p].vcpu as usize;
-        if let Some(slot) = t.virqs.get_mut(v).and_then(|s| s.get_mut(virq as usize)) {
+    let old = t.at(p);
+    if let PortState::Virq(virq) = old.state {
+        if let Some(slot) = t
+            .virqs
+            .get_mut(old.vcpu as usize)
+            .and_then(|s| s.get_mut(virq as usize))
+        {
             *slot = 0;
         }
     }
-    t.ports[p] = Port {
-        state: PortState::Free,
-        vcpu: 0,
-    };
+    if let Some(slot) = t.at_mut(p) {
+        *slot = FREE;
+    }
     drop(t);
     dom.evtchn.clear_pending(port);
     Ok(())
@@ -413,18 +435,18 @@ pub fn send(dom: &DomainShared, port: u32) -> Result<(), Errno> {
                     Some(rdom.evtchn.lock()?)
                 };
                 let rp = match rt.as_ref() {
-                    Some(t) => t.ports.get(remote_port as usize).copied(),
-                    None => dom.evtchn.lock()?.ports.get(remote_port as usize).copied(),
+                    Some(t) => t.at(remote_port as usize),
+                    None => dom.evtchn.lock()?.at(remote_port as usize),
                 };
                 match rp {
-                    Some(Port {
+                    Port {
                         state:
                             PortState::Interdomain {
                                 remote: r,
                                 remote_port: b,
                             },
                         vcpu,
-                    }) if r == dom.domid && b == port => vcpu,
+                    } if r == dom.domid && b == port => vcpu,
                     // The peer closed its port meanwhile: dropped, like a send on an
                     // unbound port.
                     _ => return Ok(()),
@@ -453,7 +475,7 @@ pub fn raise_virq(dom: &DomainShared, vcpu: u32, virq: u32) {
 pub fn status(dom: &DomainShared, port: u32) -> Result<EvtchnStatus, Errno> {
     let p = valid_port(port)?;
     let t = dom.evtchn.lock()?;
-    let e = t.ports[p];
+    let e = t.at(p);
     let mut s = EvtchnStatus {
         port,
         vcpu: e.vcpu,
@@ -493,7 +515,11 @@ pub fn bind_vcpu(dom: &DomainShared, port: u32, vcpu: u32) -> Result<(), Errno> 
     }
     let mut t = dom.evtchn.lock()?;
     match t.get(port)?.state {
-        PortState::Unbound { .. } | PortState::Interdomain { .. } => t.ports[p].vcpu = vcpu,
+        PortState::Unbound { .. } | PortState::Interdomain { .. } => {
+            if let Some(slot) = t.at_mut(p) {
+                slot.vcpu = vcpu;
+            }
+        }
         _ => return Err(Errno::EINVAL),
     }
     drop(t);
@@ -531,8 +557,8 @@ pub fn connect(a: &DomainShared, b: &DomainShared) -> Result<(u32, u32), Errno> 
 /// Closes every port of a dying domain: interdomain peers become unbound.
 pub fn destroy(dom: &DomainShared) {
     let ports: Vec<u32> = match dom.evtchn.lock() {
-        Ok(t) => (1..NR_EVENT_CHANNELS as u32)
-            .filter(|p| t.ports[*p as usize].state != PortState::Free)
+        Ok(t) => (1..t.ports.len() as u32)
+            .filter(|p| t.at(*p as usize).state != PortState::Free)
             .collect(),
         Err(_) => return,
     };

@@ -12,6 +12,7 @@ pub mod coherence;
 pub mod config;
 pub mod console;
 pub mod cpuid;
+pub mod density;
 pub mod domain;
 pub mod evtchn;
 pub mod grant;
