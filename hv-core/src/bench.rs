@@ -153,7 +153,7 @@ pub fn run(names: &[String]) -> Result<Vec<BenchResult>, BenchError> {
     }
     // Floors whose benchmark is not written yet: reported alone.
     let alone: [(&str, Once, &str, usize); 2] = [
-        ("irq_floor", irq_floor::irq_floor_once, "us", REPS),
+        ("irq_floor", irq_floor::irq_floor_once, "us", irq_floor::REPS),
         ("memcpy_4k", memcpy::memcpy_4k_once, "GB/s", REPS),
     ];
     for (name, once, unit, reps) in alone {

@@ -51,6 +51,11 @@ pub const ROUNDS_SHORT: u64 = 200;
 /// See [`ROUNDS_SHORT`].
 pub const ROUNDS_LONG: u64 = 1_200;
 
+/// Repetitions `hv bench` takes the median of (a repetition is ~30 ms on an idle machine;
+/// the ping-pong needs both vCPU threads on a CPU at once, so it is the most sensitive to
+/// other load of all the benchmarks).
+pub const REPS: usize = 11;
+
 /// The interrupt vector both guests take.
 pub const VECTOR: u8 = 0x40;
 /// The port both guests write to exit (bare VMs: the host sees every port).

@@ -18,7 +18,7 @@ use crate::domain::DomainError;
 use crate::memory::DomainMemory;
 
 /// Copies timed per repetition.
-pub const COPIES: u64 = 200_000;
+pub const COPIES: u64 = 500_000;
 /// RAM of each of the two mappings (the smallest hv accepts).
 const RAM: u64 = 2 << 20;
 /// The page copied from and to (an ordinary RAM page in both mappings).
