@@ -122,12 +122,12 @@ impl Hypervisor {
     }
 }
 
+/// The thread running one domain (or why it could not start).
+type DomainThread = Result<std::thread::JoinHandle<Result<DomainReport, DomainError>>, DomainError>;
+
 /// Domains started by [`Hypervisor::start`].
 pub struct Running {
-    domains: Vec<(
-        Arc<crate::domain::DomainShared>,
-        Result<std::thread::JoinHandle<Result<DomainReport, DomainError>>, DomainError>,
-    )>,
+    domains: Vec<(Arc<crate::domain::DomainShared>, DomainThread)>,
 }
 
 impl Running {

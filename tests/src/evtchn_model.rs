@@ -183,12 +183,10 @@ impl Model {
         let (st, _) = self.dom(d).state(p);
         match st {
             State::Closed => return Err(EBADF),
-            State::Interdomain(r, rp) => {
-                if self.doms.get(&r).is_some_and(|x| x.alive) {
-                    let (rst, rv) = self.dom(r).state(rp);
-                    if rst == State::Interdomain(d, p) {
-                        self.dom(r).ports.insert(rp, (State::Unbound(d), rv));
-                    }
+            State::Interdomain(r, rp) if self.doms.get(&r).is_some_and(|x| x.alive) => {
+                let (rst, rv) = self.dom(r).state(rp);
+                if rst == State::Interdomain(d, p) {
+                    self.dom(r).ports.insert(rp, (State::Unbound(d), rv));
                 }
             }
             _ => {}
