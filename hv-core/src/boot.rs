@@ -53,10 +53,17 @@ pub enum BootError {
 }
 
 /// Page-table frames needed to identity-map RAM of `ram_bytes` and a pool of
-/// `pool_frames` frames placed after it.
+/// `pool_frames` frames placed after it, plus the (empty) L1 tables that cover the
+/// grant window after the pool.
 pub fn boot_pt_frames(ram_bytes: u64, pool_frames: u64) -> u64 {
     let pool = pool_gpa_for(ram_bytes);
-    let ranges = [(0, ram_bytes), (pool, pool + pool_frames * PAGE_SIZE)];
+    let pool_end = pool + pool_frames * PAGE_SIZE;
+    let window = crate::grant::window_gpa_for(pool_end);
+    let ranges = [
+        (0, ram_bytes),
+        (pool, pool_end),
+        (window, window + crate::grant::WINDOW_BYTES),
+    ];
     let mut total = 0;
     // Tables at level n cover 4 KiB << (9 * n) bytes each (L1: 2 MiB, L2: 1 GiB, ...).
     for shift in [21u32, 30, 39] {
@@ -121,6 +128,18 @@ impl PtBuilder {
         idx
     }
 
+    /// Creates the (empty) L1 tables that cover `[start, end)`, leaving every leaf
+    /// entry not present.
+    fn cover(&mut self, start: u64, end: u64) {
+        let mut va = start;
+        while va < end {
+            let l3 = self.child(0, ((va >> 39) & 511) as usize);
+            let l2 = self.child(l3, ((va >> 30) & 511) as usize);
+            self.child(l2, ((va >> 21) & 511) as usize);
+            va = ((va >> 21) + 1) << 21;
+        }
+    }
+
     /// Identity-maps `[start, end)` (page-aligned) with leaf flags `flags`.
     fn map(&mut self, start: u64, end: u64, flags: u64) {
         let mut va = start;
@@ -158,6 +177,8 @@ pub fn build_page_tables(mem: &DomainMemory) -> Result<BootInfo, BootError> {
         PTE_P | PTE_W | PTE_U | PTE_A | PTE_D,
     );
     b.map(pool, mem.pool_end(), PTE_P | PTE_U | PTE_A);
+    let window = crate::grant::window_gpa_for(mem.pool_end());
+    b.cover(window, window + crate::grant::WINDOW_BYTES);
     let need = b.frames.len() as u64;
     if need > mem.pool_frames() {
         return Err(BootError::PoolTooSmall {
@@ -277,6 +298,12 @@ pub fn write_start_info(
     si.kernel_end_gpa = p.kernel.1;
     si.first_free_gpa = p.first_free;
     si.stack_top_gpa = layout::BOOT_STACK_TOP;
+    if p.features.contains(Features::GNTTAB) {
+        si.grant_table_gpa = layout::GRANT_TABLE_GPA;
+        si.grant_table_frames = layout::GRANT_TABLE_FRAMES;
+        si.grant_window_frames = layout::GRANT_WINDOW_FRAMES;
+        si.grant_window_gpa = crate::grant::window_gpa_for(mem.pool_end());
+    }
     si.cmdline_len = p.cmdline.len() as u32;
     si.cmdline[..p.cmdline.len()].copy_from_slice(p.cmdline.as_bytes());
     mem.write_obj(layout::START_INFO_GPA, &si)?;
@@ -393,6 +420,9 @@ mod tests {
             b.map(PAGE_SIZE, ram, PTE_P);
             let pg = pool_gpa_for(ram);
             b.map(pg, pg + pool * PAGE_SIZE, PTE_P);
+            let w = crate::grant::window_gpa_for(pg + pool * PAGE_SIZE);
+            assert_eq!(w % layout::GRANT_WINDOW_ALIGN, 0);
+            b.cover(w, w + crate::grant::WINDOW_BYTES);
             assert_eq!(b.frames.len() as u64, boot, "ram {ram:#x} extra {extra}");
             assert_eq!(pool, boot + extra);
         }

@@ -34,7 +34,8 @@ pub const FEATURES: Features = Features(
         | Features::VCPU_OP.bits()
         | Features::PV_MMU.bits()
         | Features::EVTCHN.bits()
-        | Features::TIMER.bits(),
+        | Features::TIMER.bits()
+        | Features::GNTTAB.bits(),
 );
 
 /// Default RAM size.
@@ -45,6 +46,7 @@ pub const DEFAULT_POOL_EXTRA_FRAMES: u64 = 256;
 /// Memory slot numbers.
 const SLOT_RAM: u32 = 0;
 const SLOT_POOL: u32 = 1;
+const SLOT_GRANT_WINDOW: u32 = 2;
 
 /// How to build a domain.
 #[derive(Clone, Debug)]
@@ -387,6 +389,7 @@ impl DomainShared {
         changes.old_l1_targets.dedup();
         for gpa in &changes.old_l1_targets {
             crate::coherence::forget_frame(&self.mem, *gpa);
+            self.grants.forget_frame(*gpa);
         }
         if changes.upper {
             self.with_others_paused(me, || {
@@ -569,6 +572,8 @@ impl Domain {
             },
         )?;
 
+        let grants = Grants::new(mem.pool_end())
+            .map_err(|e| DomainError::Memory(MemoryError::Map(e.to_string())))?;
         let host_paging = crate::coherence::host_paging(kvm);
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         let mut pool_region = kvm_userspace_memory_region::default();
@@ -597,6 +602,19 @@ impl Domain {
             // memory).
             unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("set memory region"))?;
         }
+        let (window_host, window_bytes) = grants.window_host();
+        let window_region = kvm_userspace_memory_region {
+            slot: SLOT_GRANT_WINDOW,
+            flags: 0,
+            guest_phys_addr: grants.window_gpa(),
+            memory_size: window_bytes,
+            userspace_addr: window_host,
+        };
+        // SAFETY: the grant window's reservation is mapped for its whole size by
+        // `grants` and stays mapped until after the VM is destroyed (DomainShared drops
+        // the VM before its grant state).
+        unsafe { vm.set_user_memory_region(window_region) }
+            .map_err(kvm_err("set memory region"))?;
 
         // The in-kernel irqchip must exist before the vCPUs.
         crate::upcall::create_irqchip(&vm)?;
@@ -654,7 +672,7 @@ impl Domain {
             evtchn,
             upcall,
             time,
-            grants: Grants::new(),
+            grants,
             sleeping: AtomicU64::new(0),
             threads: Mutex::new(vec![None; config.vcpus as usize]),
         });

@@ -1,33 +1,966 @@
-//! Grant tables v1 (SPEC.md 8.8). (Being implemented.)
+//! Grant tables v1 (SPEC.md 8.8).
+//!
+//! Each domain's grant table lies in its own RAM at `GRANT_TABLE_GPA`; the guest writes
+//! entries with plain stores and revokes them with a compare-and-exchange of `flags`.
+//! The host therefore reads and updates entries only with atomics on the granter's
+//! memory, and keeps its own per-entry use counts (`Active`) under the granter's
+//! [`Grants`] mutex; `GTF_READING`/`GTF_WRITING` mirror those counts.
+//!
+//! Mapping a grant: every domain has a **grant window**, one KVM memslot of
+//! `GRANT_WINDOW_FRAMES` frames after the page-table pool, whose host memory is an
+//! anonymous reservation. A mapped grant is a `MAP_SHARED | MAP_FIXED` mapping of the
+//! granter's memfd page over one window slot; unmapping puts a fresh anonymous page
+//! back. KVM's MMU notifier drops its translations of the slot whenever the host
+//! mapping changes, so the guest never keeps a stale view. The guest sees the page
+//! through an L1 entry that only the hypervisor writes (guest-made entries may not map
+//! the window).
+//!
+//! Locks: a domain's `Grants` state, then (optionally) its MMU. Two domains' `Grants`
+//! mutexes are never held at once: a map reserves a handle (mapper), pins the entry
+//! (granter), then completes the mapping (mapper).
 
-use hv_abi::Errno;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hv_abi::grant::{
+    GnttabCopy, GnttabCopyPtr, GnttabMapGrantRef, GnttabQuerySize, GnttabSetupTable,
+    GnttabUnmapGrantRef, DOMID_SELF, GNTCOPY_DEST_GREF, GNTCOPY_SOURCE_GREF,
+    GNTMAP_APPLICATION_MAP, GNTMAP_DEVICE_MAP, GNTMAP_HOST_MAP, GNTMAP_READONLY, GNTTABOP_COPY,
+    GNTTABOP_MAP_GRANT_REF, GNTTABOP_QUERY_SIZE, GNTTABOP_SETUP_TABLE, GNTTABOP_UNMAP_GRANT_REF,
+    GNTTAB_MAX_BATCH, GRANT_ENTRIES_PER_FRAME, GTF_PERMIT_ACCESS, GTF_READING, GTF_READONLY,
+    GTF_WRITING,
+};
+use hv_abi::layout::{self, GRANT_TABLE_FRAMES, GRANT_TABLE_GPA, GRANT_WINDOW_FRAMES};
+use hv_abi::mmu::{PTE_A, PTE_D, PTE_P, PTE_U, PTE_W};
+use hv_abi::{Errno, PAGE_SIZE};
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::domain::DomainShared;
-use crate::mmu::hypercalls::VcpuEffects;
+use crate::memory::PoolAccess;
+use crate::mmu::hypercalls::{l1_entry_for, VcpuEffects};
 
-/// A domain's grant state: its own table's active entries and its grant window.
-#[derive(Debug, Default)]
-pub struct Grants {}
+/// Grant references per domain.
+pub const NR_GRANT_REFS: u32 = GRANT_TABLE_FRAMES * GRANT_ENTRIES_PER_FRAME;
+/// Size of the grant window in bytes.
+pub const WINDOW_BYTES: u64 = GRANT_WINDOW_FRAMES as u64 * PAGE_SIZE;
+/// Attempts at the compare-and-exchange that starts using an entry before giving up
+/// with EAGAIN (the guest keeps changing the entry).
+const CAS_TRIES: u32 = 16;
+
+/// Guest-physical address of the grant window for a domain whose page-table pool ends
+/// at `pool_end`.
+pub fn window_gpa_for(pool_end: u64) -> u64 {
+    pool_end.div_ceil(layout::GRANT_WINDOW_ALIGN) * layout::GRANT_WINDOW_ALIGN
+}
+
+/// Errors setting up a domain's grant state.
+#[derive(Debug, Error)]
+pub enum GrantError {
+    /// The window reservation could not be mapped.
+    #[error("cannot reserve the grant window: {0}")]
+    Reserve(#[source] std::io::Error),
+}
+
+/// Identifies one domain instance (ids can be reused after a domain died).
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+/// A domain's grant state: its own table's entries in use and its grant window.
+#[derive(Debug)]
+pub struct Grants {
+    instance: u64,
+    window_gpa: u64,
+    window: Window,
+    state: Mutex<State>,
+}
+
+/// Another domain's identity as recorded in grant state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DomKey {
+    domid: u32,
+    instance: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Set by [`destroy`]: nothing can be pinned any more.
+    dead: bool,
+    /// Entries of this domain's table in use by the host, by reference.
+    active: HashMap<u32, Active>,
+    /// This domain's mappings of grants, by handle (= window slot).
+    handles: Vec<Handle>,
+    /// Where the search for a free handle starts (next fit, so that a freed handle is
+    /// not reused at once).
+    next: usize,
+}
+
+/// One entry of this domain's table in use.
+#[derive(Debug)]
+struct Active {
+    /// The domain using it.
+    user: u16,
+    /// The frame read when it was first pinned.
+    frame: u64,
+    /// Read-only pins (mappings and copy sources).
+    readers: u32,
+    /// Writable pins (mappings and copy destinations).
+    writers: u32,
+    /// Mappings of it: mapper and handle.
+    maps: Vec<(DomKey, u32)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Mapping {
+    granter: DomKey,
+    gref: u32,
+    write: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Handle {
+    Free,
+    /// Reserved by a map in progress; `revoked` if the granter died meanwhile.
+    Pending {
+        granter: DomKey,
+        revoked: bool,
+    },
+    /// A mapping; its window slot shows the granted frame.
+    Live(Mapping),
+    /// The granter died: the slot shows scratch memory until the guest unmaps.
+    Dead,
+}
+
+/// The host memory behind a grant window: `frames` pages, each either a private
+/// anonymous page (scratch) or a shared mapping of a granted frame.
+#[derive(Debug)]
+struct Window {
+    base: usize,
+    frames: u32,
+}
+
+fn mmap_result(p: *mut libc::c_void) -> std::io::Result<usize> {
+    if p == libc::MAP_FAILED {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(p as usize)
+    }
+}
+
+impl Window {
+    fn new(frames: u32) -> std::io::Result<Window> {
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses; it is
+        // checked for failure and unmapped in Drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                frames as usize * PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        Ok(Window {
+            base: mmap_result(p)?,
+            frames,
+        })
+    }
+
+    fn slot(&self, i: u32) -> usize {
+        self.base + i as usize * PAGE_SIZE as usize
+    }
+
+    /// Shows frame `frame` of `file` (a domain's memfd: RAM at offset 0) in slot `i`.
+    fn map(&self, i: u32, file: &File, frame: u64, readonly: bool) -> std::io::Result<()> {
+        let prot = if readonly {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        let off = libc::off_t::try_from(frame * PAGE_SIZE).map_err(std::io::Error::other)?;
+        // SAFETY: slot `i` lies inside the reservation this Window owns; MAP_FIXED only
+        // replaces that one page. Nothing in the host holds references into the window.
+        let p = unsafe {
+            libc::mmap(
+                self.slot(i) as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        mmap_result(p).map(|_| ())
+    }
+
+    /// Puts a fresh private anonymous page in slot `i`.
+    fn scratch(&self, i: u32) {
+        // SAFETY: as in `map`: one page of the reservation this Window owns.
+        let p = unsafe {
+            libc::mmap(
+                self.slot(i) as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if let Err(e) = mmap_result(p) {
+            tracing::error!(error = %e, slot = i, "cannot put scratch memory in a grant slot");
+            // Never leave the old frame reachable: make the page inaccessible instead
+            // (a guest access then fails the vCPU).
+            // SAFETY: same page as above.
+            unsafe {
+                libc::mprotect(
+                    self.slot(i) as *mut libc::c_void,
+                    PAGE_SIZE as usize,
+                    libc::PROT_NONE,
+                )
+            };
+        }
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: the reservation made in `new`, unmapped once; the VM that used it as a
+        // memslot is gone (DomainShared drops the VM before its grant state).
+        unsafe {
+            libc::munmap(
+                self.base as *mut libc::c_void,
+                self.frames as usize * PAGE_SIZE as usize,
+            )
+        };
+    }
+}
 
 impl Grants {
-    /// Grant state for a new domain.
-    pub fn new() -> Grants {
-        Grants {}
+    /// Grant state for a new domain whose page-table pool ends at `pool_end`.
+    pub fn new(pool_end: u64) -> Result<Grants, GrantError> {
+        let window = Window::new(GRANT_WINDOW_FRAMES).map_err(GrantError::Reserve)?;
+        Ok(Grants {
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            window_gpa: window_gpa_for(pool_end),
+            window,
+            state: Mutex::new(State {
+                dead: false,
+                active: HashMap::new(),
+                handles: vec![Handle::Free; GRANT_WINDOW_FRAMES as usize],
+                next: 0,
+            }),
+        })
+    }
+
+    /// Guest-physical address of the grant window.
+    pub fn window_gpa(&self) -> u64 {
+        self.window_gpa
+    }
+
+    /// Host address of the window's memory (for its memslot), and its size in bytes.
+    pub fn window_host(&self) -> (u64, u64) {
+        (self.window.base as u64, WINDOW_BYTES)
+    }
+
+    /// Drops the host page-table entry of window frame `gpa`, if `gpa` is in the
+    /// window, so that KVM drops its translations of it (coherence after a guest
+    /// replaced a grant mapping's L1 entry itself). The slot's contents stay.
+    pub fn forget_frame(&self, gpa: u64) {
+        let Some(off) = gpa.checked_sub(self.window_gpa) else {
+            return;
+        };
+        if off >= WINDOW_BYTES {
+            return;
+        }
+        let slot = (off / PAGE_SIZE) as u32;
+        // SAFETY: one page of this window's reservation; MADV_DONTNEED on a shared
+        // mapping keeps the data; on scratch it only drops a private page of zeroes or
+        // guest scribbles that no one needs.
+        unsafe {
+            libc::madvise(
+                self.window.slot(slot) as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+    }
+
+    fn key(&self, domid: u32) -> DomKey {
+        DomKey {
+            domid,
+            instance: self.instance,
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, Errno> {
+        self.state.lock().map_err(|_| Errno::EIO)
+    }
+
+    fn slot_gpa(&self, h: u32) -> u64 {
+        self.window_gpa + u64::from(h) * PAGE_SIZE
+    }
+
+    /// Reserves a free handle (and window slot) for a map of `granter`'s grant.
+    fn reserve(&self, granter: DomKey) -> Result<u32, Errno> {
+        let mut st = self.lock()?;
+        if st.dead {
+            return Err(Errno::ESRCH);
+        }
+        let n = st.handles.len();
+        let start = st.next;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if matches!(st.handles[i], Handle::Free) {
+                st.handles[i] = Handle::Pending {
+                    granter,
+                    revoked: false,
+                };
+                st.next = (i + 1) % n;
+                return Ok(i as u32);
+            }
+        }
+        Err(Errno::ENOSPC)
+    }
+
+    fn free(&self, h: u32) {
+        if let Ok(mut st) = self.lock() {
+            if let Some(s) = st.handles.get_mut(h as usize) {
+                *s = Handle::Free;
+            }
+        }
+    }
+
+    /// The granter `granter` died: its mapping `h` (if it is still that one) shows
+    /// scratch memory from now on.
+    fn revoke(&self, h: u32, granter: DomKey) {
+        let Ok(mut st) = self.lock() else { return };
+        let Some(slot) = st.handles.get_mut(h as usize) else {
+            return;
+        };
+        match *slot {
+            Handle::Live(m) if m.granter == granter => {
+                self.window.scratch(h);
+                *slot = Handle::Dead;
+            }
+            Handle::Pending { granter: g, .. } if g == granter => {
+                *slot = Handle::Pending {
+                    granter: g,
+                    revoked: true,
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Entries of a granter's table.
+
+/// The first 4 bytes (flags | domid << 16) and the frame of entry `gref` of `dom`'s
+/// table, as atomics on its RAM.
+fn entry(dom: &DomainShared, gref: u32) -> Result<(&AtomicU32, &AtomicU32), Errno> {
+    let gpa = GRANT_TABLE_GPA + u64::from(gref) * 8;
+    // The table lies in the low RAM of every domain (checked once more here).
+    dom.mem.check_ram(gpa, 8).map_err(|_| Errno::EIO)?;
+    let host = dom.mem.host_address(gpa).map_err(|_| Errno::EIO)? as *mut u32;
+    // SAFETY: `host` points at 8 bytes of the domain's RAM mapping, 8-aligned (the
+    // mapping is page-aligned and `gpa` is a multiple of 8), which stays mapped as long
+    // as `dom` lives. The guest changes these bytes concurrently, which is why the host
+    // only ever accesses them atomically.
+    unsafe { Ok((AtomicU32::from_ptr(host), AtomicU32::from_ptr(host.add(1)))) }
+}
+
+const IN_USE: u32 = (GTF_READING | GTF_WRITING) as u32;
+
+/// Makes GTF_READING / GTF_WRITING of `word` match the counts (clears the bits not
+/// backed by a use; bits are only ever set by `pin`'s compare-and-exchange).
+fn sync_flags(word: &AtomicU32, act: Option<&Active>) {
+    let (readers, writers) = act.map_or((0, 0), |a| (a.readers, a.writers));
+    let mut keep = 0u32;
+    if readers + writers > 0 {
+        keep |= u32::from(GTF_READING);
+    }
+    if writers > 0 {
+        keep |= u32::from(GTF_WRITING);
+    }
+    let clear = IN_USE & !keep;
+    if clear != 0 {
+        word.fetch_and(!clear, Ordering::AcqRel);
+    }
+}
+
+/// Starts using entry `gref` of `granter`'s table for domain `user`; `write` for
+/// writable access; `map` records a mapping (mapper, handle). Returns the frame.
+fn pin(
+    granter: &DomainShared,
+    user: u32,
+    gref: u32,
+    write: bool,
+    map: Option<(DomKey, u32)>,
+) -> Result<u64, Errno> {
+    if gref >= NR_GRANT_REFS {
+        return Err(Errno::ENOENT);
+    }
+    let mut st = granter.grants.lock()?;
+    if st.dead {
+        return Err(Errno::ESRCH);
+    }
+    let (word, frame_word) = entry(granter, gref)?;
+    let want = u32::from(GTF_READING) | if write { u32::from(GTF_WRITING) } else { 0 };
+    let mut tries = 0;
+    loop {
+        let w = word.load(Ordering::Acquire);
+        let flags = w as u16;
+        let domid = (w >> 16) as u16;
+        if flags & GTF_PERMIT_ACCESS == 0 || u32::from(domid) != user {
+            return Err(Errno::EACCES);
+        }
+        if write && flags & GTF_READONLY != 0 {
+            return Err(Errno::EACCES);
+        }
+        if w & want == want
+            || word
+                .compare_exchange(w, w | want, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            break;
+        }
+        tries += 1;
+        if tries >= CAS_TRIES {
+            return Err(Errno::EAGAIN);
+        }
+    }
+    let ram_frames = granter.mem.ram_bytes() / PAGE_SIZE;
+    let frame = match st.active.get(&gref) {
+        Some(a) if u32::from(a.user) != user => {
+            // The granter rewrote an entry in use for another domain.
+            sync_flags(word, Some(a));
+            return Err(Errno::EACCES);
+        }
+        Some(a) => a.frame,
+        None => {
+            let f = u64::from(frame_word.load(Ordering::Acquire));
+            if f == 0 || f >= ram_frames {
+                sync_flags(word, None);
+                return Err(Errno::EINVAL);
+            }
+            f
+        }
+    };
+    let act = st.active.entry(gref).or_insert(Active {
+        user: user as u16,
+        frame,
+        readers: 0,
+        writers: 0,
+        maps: Vec::new(),
+    });
+    if write {
+        act.writers += 1;
+    } else {
+        act.readers += 1;
+    }
+    if let Some(m) = map {
+        act.maps.push(m);
+    }
+    Ok(frame)
+}
+
+/// Stops one use of entry `gref` of `granter`'s table (see [`pin`]).
+fn unpin(granter: &DomainShared, gref: u32, write: bool, map: Option<(DomKey, u32)>) {
+    let Ok(mut st) = granter.grants.lock() else {
+        return;
+    };
+    if st.dead {
+        return;
+    }
+    let Some(act) = st.active.get_mut(&gref) else {
+        return;
+    };
+    if write {
+        act.writers = act.writers.saturating_sub(1);
+    } else {
+        act.readers = act.readers.saturating_sub(1);
+    }
+    if let Some(m) = map {
+        if let Some(i) = act.maps.iter().position(|x| *x == m) {
+            act.maps.swap_remove(i);
+        }
+    }
+    let unused = act.readers + act.writers == 0;
+    if let Ok((word, _)) = entry(granter, gref) {
+        sync_flags(word, (!unused).then_some(&*act));
+    }
+    if unused {
+        st.active.remove(&gref);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Domains by id.
+
+/// The calling domain or another live one.
+enum DomRef<'a> {
+    Me(&'a DomainShared),
+    Other(Arc<DomainShared>),
+}
+
+impl std::ops::Deref for DomRef<'_> {
+    type Target = DomainShared;
+    fn deref(&self) -> &DomainShared {
+        match self {
+            DomRef::Me(d) => d,
+            DomRef::Other(d) => d,
+        }
+    }
+}
+
+fn lookup(dom: &DomainShared, domid: u16) -> Result<DomRef<'_>, Errno> {
+    if domid == DOMID_SELF || u32::from(domid) == dom.domid {
+        return Ok(DomRef::Me(dom));
+    }
+    dom.registry
+        .get(u32::from(domid))
+        .map(DomRef::Other)
+        .ok_or(Errno::ESRCH)
+}
+
+/// The live domain `key` (not a later one with the same id).
+fn find(dom: &DomainShared, key: DomKey) -> Option<DomRef<'_>> {
+    if key.domid == dom.domid && key.instance == dom.grants.instance {
+        return Some(DomRef::Me(dom));
+    }
+    dom.registry
+        .get(key.domid)
+        .filter(|d| d.grants.instance == key.instance)
+        .map(DomRef::Other)
+}
+
+/// Checks `dom` field of setup_table / query_size.
+fn check_self(dom: &DomainShared, domid: u16) -> Result<(), Errno> {
+    if domid == DOMID_SELF || u32::from(domid) == dom.domid {
+        Ok(())
+    } else if dom.registry.contains(u32::from(domid)) {
+        Err(Errno::EPERM)
+    } else {
+        Err(Errno::ESRCH)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The hypercall.
+
+fn status(r: Result<(), Errno>) -> i16 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => e.to_ret() as i16,
     }
 }
 
 /// `grant_table_op(cmd, gpa, count)` from vCPU `vcpu`, whose CR3 is `cr3`.
 pub fn grant_table_op(
-    _dom: &DomainShared,
+    dom: &DomainShared,
     _vcpu: u32,
-    _cr3: u64,
-    _cmd: u64,
-    _gpa: u64,
-    _count: u64,
+    cr3: u64,
+    cmd: u64,
+    gpa: u64,
+    count: u64,
     _effects: &mut VcpuEffects,
 ) -> Result<u64, Errno> {
-    Err(Errno::ENOSYS)
+    match cmd {
+        GNTTABOP_MAP_GRANT_REF => batch(dom, gpa, count, |op: &mut GnttabMapGrantRef| {
+            match map_one(dom, cr3, op) {
+                Ok((handle, bus)) => {
+                    op.status = 0;
+                    op.handle = handle;
+                    op.dev_bus_addr = bus;
+                }
+                Err(e) => op.status = e.to_ret() as i16,
+            }
+            // Outputs: status, handle, dev_bus_addr.
+            18..32
+        }),
+        GNTTABOP_UNMAP_GRANT_REF => batch(dom, gpa, count, |op: &mut GnttabUnmapGrantRef| {
+            op.status = status(unmap_one(dom, cr3, op));
+            20..22
+        }),
+        GNTTABOP_SETUP_TABLE => batch(dom, gpa, count, |op: &mut GnttabSetupTable| {
+            op.status = status(setup_table(dom, op));
+            8..10
+        }),
+        GNTTABOP_COPY => batch(dom, gpa, count, |op: &mut GnttabCopy| {
+            op.status = status(copy_one(dom, op));
+            36..38
+        }),
+        GNTTABOP_QUERY_SIZE => batch(dom, gpa, count, |op: &mut GnttabQuerySize| {
+            op.status = status(check_self(dom, op.dom).and_then(|()| {
+                if op.reserved0 != 0 || op.reserved1 != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                op.nr_frames = GRANT_TABLE_FRAMES;
+                op.max_nr_frames = GRANT_TABLE_FRAMES;
+                Ok(())
+            }));
+            4..14
+        }),
+        _ => Err(Errno::EINVAL),
+    }
 }
 
-/// Releases everything a dying domain granted or mapped.
-pub fn destroy(_dom: &DomainShared) {}
+/// Runs `f` on each of `count` operations at `gpa` (copied in first) and writes back
+/// the bytes of each that `f` says are outputs.
+fn batch<T: FromBytes + IntoBytes + Immutable + Clone>(
+    dom: &DomainShared,
+    gpa: u64,
+    count: u64,
+    mut f: impl FnMut(&mut T) -> std::ops::Range<usize>,
+) -> Result<u64, Errno> {
+    if count > GNTTAB_MAX_BATCH {
+        return Err(Errno::E2BIG);
+    }
+    if count == 0 {
+        return Ok(0);
+    }
+    let size = std::mem::size_of::<T>() as u64;
+    let mut ops = vec![T::new_zeroed(); count as usize];
+    dom.mem
+        .read_ram(gpa, ops.as_mut_slice().as_mut_bytes())
+        .map_err(|_| Errno::EFAULT)?;
+    for (i, op) in ops.iter_mut().enumerate() {
+        let out = f(op);
+        let at = gpa + i as u64 * size;
+        // The whole array was checked when it was read; RAM does not shrink.
+        let _ = dom
+            .mem
+            .write_ram(at + out.start as u64, &op.as_bytes()[out]);
+    }
+    Ok(0)
+}
+
+fn setup_table(dom: &DomainShared, op: &GnttabSetupTable) -> Result<(), Errno> {
+    check_self(dom, op.dom)?;
+    if op.reserved0 != 0 || op.reserved1 != [0; 3] {
+        return Err(Errno::EINVAL);
+    }
+    if op.nr_frames == 0 || op.nr_frames > GRANT_TABLE_FRAMES {
+        return Err(Errno::EINVAL);
+    }
+    let frames: Vec<u64> = (0..u64::from(op.nr_frames))
+        .map(|i| (GRANT_TABLE_GPA >> 12) + i)
+        .collect();
+    dom.mem
+        .write_ram(op.frame_list, frames.as_bytes())
+        .map_err(|_| Errno::EFAULT)
+}
+
+const MAP_FLAGS: u32 =
+    GNTMAP_DEVICE_MAP | GNTMAP_HOST_MAP | GNTMAP_READONLY | GNTMAP_APPLICATION_MAP;
+
+fn map_one(dom: &DomainShared, cr3: u64, op: &GnttabMapGrantRef) -> Result<(u32, u64), Errno> {
+    if op.flags & !MAP_FLAGS != 0 || op.flags & GNTMAP_HOST_MAP == 0 {
+        return Err(Errno::EINVAL);
+    }
+    let va = op.host_addr;
+    let canonical = (va as i64) << 16 >> 16 == va as i64;
+    if !canonical
+        || va % PAGE_SIZE != 0
+        || (layout::HV_RESERVED_VA_START..layout::HV_RESERVED_VA_END).contains(&va)
+    {
+        return Err(Errno::EINVAL);
+    }
+    let readonly = op.flags & GNTMAP_READONLY != 0;
+    let write = !readonly;
+    let granter = lookup(dom, op.dom)?;
+    if op.ref_ >= NR_GRANT_REFS {
+        return Err(Errno::ENOENT);
+    }
+    let gkey = granter.grants.key(granter.domid);
+    let h = dom.grants.reserve(gkey)?;
+    let me = (dom.grants.key(dom.domid), h);
+    let frame = match pin(&granter, dom.domid, op.ref_, write, Some(me)) {
+        Ok(f) => f,
+        Err(e) => {
+            dom.grants.free(h);
+            return Err(e);
+        }
+    };
+    let mapping = Mapping {
+        granter: gkey,
+        gref: op.ref_,
+        write,
+    };
+    match complete_map(dom, cr3, h, &granter, frame, op, mapping) {
+        Ok(bus) => Ok((h, bus)),
+        Err(e) => {
+            unpin(&granter, op.ref_, write, Some(me));
+            dom.grants.free(h);
+            Err(e)
+        }
+    }
+}
+
+/// Second half of a map: shows the frame in the reserved slot and writes the L1 entry.
+fn complete_map(
+    dom: &DomainShared,
+    cr3: u64,
+    h: u32,
+    granter: &DomainShared,
+    frame: u64,
+    op: &GnttabMapGrantRef,
+    mapping: Mapping,
+) -> Result<u64, Errno> {
+    let g = &dom.grants;
+    let mut st = g.lock()?;
+    if st.dead {
+        return Err(Errno::ESRCH);
+    }
+    match st.handles.get(h as usize) {
+        Some(Handle::Pending { revoked: false, .. }) => {}
+        // The granter died since the entry was pinned.
+        _ => return Err(Errno::ESRCH),
+    }
+    let slot_gpa = g.slot_gpa(h);
+    let mut pte = slot_gpa | PTE_P | PTE_A;
+    if mapping.write {
+        pte |= PTE_W | PTE_D;
+    }
+    if op.flags & GNTMAP_APPLICATION_MAP != 0 {
+        pte |= PTE_U;
+    }
+    let mut mmu = dom.mmu.lock().map_err(|_| Errno::EIO)?;
+    if !mmu.is_pinned_l4(cr3 & hv_abi::mmu::PTE_ADDR_MASK) {
+        return Err(Errno::EINVAL);
+    }
+    let mut pool = PoolAccess(&dom.mem);
+    let at = l1_entry_for(&pool, cr3, op.host_addr)?;
+    // Check before the slot changes (the MMU lock is held until the entry is written).
+    if mmu
+        .frame(at)
+        .is_none_or(|f| f.level != 1 || f.type_count == 0)
+    {
+        return Err(Errno::EINVAL);
+    }
+    if crate::mmu::PtMemory::read_pte(&pool, at) & PTE_P != 0 {
+        return Err(Errno::EBUSY);
+    }
+    g.window
+        .map(h, granter.mem.memfd(), frame, !mapping.write)
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot map a granted frame into the window");
+            Errno::ENOMEM
+        })?;
+    if let Err(e) = mmu.hv_write_l1(&mut pool, at, None, pte) {
+        g.window.scratch(h);
+        return Err(e);
+    }
+    st.handles[h as usize] = Handle::Live(mapping);
+    tracing::trace!(
+        handle = h,
+        gref = mapping.gref,
+        granter = granter.domid,
+        "grant mapped"
+    );
+    Ok(slot_gpa)
+}
+
+fn unmap_one(dom: &DomainShared, cr3: u64, op: &GnttabUnmapGrantRef) -> Result<(), Errno> {
+    if op.reserved != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let g = &dom.grants;
+    let h = op.handle;
+    let live = {
+        let mut st = g.lock()?;
+        let live = match st.handles.get(h as usize) {
+            Some(Handle::Live(m)) => Some(*m),
+            Some(Handle::Dead) => None,
+            _ => return Err(Errno::EINVAL),
+        };
+        // Clear the L1 entry if it still holds what map wrote, then drop the frame.
+        let mut pte = g.slot_gpa(h) | PTE_P | PTE_A;
+        if live.is_none_or(|m| m.write) {
+            pte |= PTE_W | PTE_D;
+        }
+        clear_pte(dom, cr3, op.host_addr, pte);
+        g.window.scratch(h);
+        st.handles[h as usize] = Handle::Free;
+        live
+    };
+    if let Some(m) = live {
+        if let Some(granter) = find(dom, m.granter) {
+            unpin(&granter, m.gref, m.write, Some((g.key(dom.domid), h)));
+        }
+    }
+    Ok(())
+}
+
+/// Clears the L1 entry for `va` under `cr3` if it is one of the values map writes for
+/// this slot (`pte`, with or without U). A failed walk changes nothing.
+fn clear_pte(dom: &DomainShared, cr3: u64, va: u64, pte: u64) {
+    let Ok(mut mmu) = dom.mmu.lock() else { return };
+    if !mmu.is_pinned_l4(cr3 & hv_abi::mmu::PTE_ADDR_MASK) {
+        return;
+    }
+    let mut pool = PoolAccess(&dom.mem);
+    let Ok(at) = l1_entry_for(&pool, cr3, va) else {
+        return;
+    };
+    let cur = crate::mmu::PtMemory::read_pte(&pool, at);
+    // A dead mapping does not know whether it was writable: accept both forms.
+    let ro = pte & !(PTE_W | PTE_D);
+    if [pte, pte | PTE_U, ro, ro | PTE_U].contains(&cur) {
+        let _ = mmu.hv_write_l1(&mut pool, at, Some(cur), 0);
+    }
+}
+
+/// One side of a copy, pinned if it is a grant.
+struct Side<'a> {
+    dom: DomRef<'a>,
+    gpa: u64,
+    pin: Option<(u32, bool)>,
+}
+
+impl Side<'_> {
+    fn release(self) {
+        if let Some((gref, write)) = self.pin {
+            unpin(&self.dom, gref, write, None);
+        }
+    }
+}
+
+fn copy_side<'a>(
+    dom: &'a DomainShared,
+    p: &GnttabCopyPtr,
+    gref: bool,
+    write: bool,
+) -> Result<Side<'a>, Errno> {
+    let off = u64::from(p.offset);
+    if gref {
+        let granter = lookup(dom, p.domid)?;
+        let r = u32::try_from(p.ref_or_gfn).map_err(|_| Errno::ENOENT)?;
+        let frame = pin(&granter, dom.domid, r, write, None)?;
+        Ok(Side {
+            dom: granter,
+            gpa: frame * PAGE_SIZE + off,
+            pin: Some((r, write)),
+        })
+    } else {
+        if p.domid != DOMID_SELF && u32::from(p.domid) != dom.domid {
+            return Err(Errno::EPERM);
+        }
+        if p.ref_or_gfn >= dom.mem.ram_bytes() / PAGE_SIZE {
+            return Err(Errno::EINVAL);
+        }
+        Ok(Side {
+            dom: DomRef::Me(dom),
+            gpa: p.ref_or_gfn * PAGE_SIZE + off,
+            pin: None,
+        })
+    }
+}
+
+fn copy_one(dom: &DomainShared, op: &GnttabCopy) -> Result<(), Errno> {
+    if op.flags & !(GNTCOPY_SOURCE_GREF | GNTCOPY_DEST_GREF) != 0
+        || op.reserved != 0
+        || op.source.reserved != 0
+        || op.dest.reserved != 0
+    {
+        return Err(Errno::EINVAL);
+    }
+    let len = u64::from(op.len);
+    if u64::from(op.source.offset) + len > PAGE_SIZE || u64::from(op.dest.offset) + len > PAGE_SIZE
+    {
+        return Err(Errno::EINVAL);
+    }
+    let src = copy_side(dom, &op.source, op.flags & GNTCOPY_SOURCE_GREF != 0, false)?;
+    let dst = match copy_side(dom, &op.dest, op.flags & GNTCOPY_DEST_GREF != 0, true) {
+        Ok(d) => d,
+        Err(e) => {
+            src.release();
+            return Err(e);
+        }
+    };
+    let r = copy_bytes(&src, &dst, op.len as usize);
+    src.release();
+    dst.release();
+    r
+}
+
+/// Copies host-to-host between the two domains' RAM mappings (memmove semantics, so
+/// overlapping ranges of one frame are fine).
+fn copy_bytes(src: &Side<'_>, dst: &Side<'_>, len: usize) -> Result<(), Errno> {
+    if len == 0 {
+        return Ok(());
+    }
+    let s = src
+        .dom
+        .mem
+        .guest_memory()
+        .get_slice(GuestAddress(src.gpa), len)
+        .map_err(|_| Errno::EINVAL)?;
+    let d = dst
+        .dom
+        .mem
+        .guest_memory()
+        .get_slice(GuestAddress(dst.gpa), len)
+        .map_err(|_| Errno::EINVAL)?;
+    s.copy_to_volatile_slice(d);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Death.
+
+/// Releases everything a dying domain granted or mapped (called once its vCPUs have
+/// stopped and it has left the registry; idempotent): its mappings of other domains'
+/// grants are unmapped (their entries' counts and flags updated), and every mapping
+/// another domain holds of its grants shows scratch memory from now on (that domain's
+/// handle stays allocated until it unmaps it).
+pub fn destroy(dom: &DomainShared) {
+    let g = &dom.grants;
+    let me = g.key(dom.domid);
+    let (active, mine) = {
+        let Ok(mut st) = g.state.lock() else { return };
+        if st.dead {
+            return;
+        }
+        st.dead = true;
+        let active = std::mem::take(&mut st.active);
+        let mut mine = Vec::new();
+        for (h, slot) in st.handles.iter_mut().enumerate() {
+            match *slot {
+                Handle::Live(m) => {
+                    g.window.scratch(h as u32);
+                    mine.push((h as u32, m));
+                }
+                Handle::Dead => g.window.scratch(h as u32),
+                Handle::Free | Handle::Pending { .. } => continue,
+            }
+            *slot = Handle::Free;
+        }
+        (active, mine)
+    };
+    // Others' mappings of this domain's grants.
+    for act in active.into_values() {
+        for (mapper, h) in act.maps {
+            if mapper == me {
+                continue;
+            }
+            if let Some(m) = find(dom, mapper) {
+                m.grants.revoke(h, me);
+            }
+        }
+    }
+    // This domain's mappings of others' grants.
+    for (h, m) in mine {
+        if m.granter == me {
+            continue;
+        }
+        if let Some(granter) = find(dom, m.granter) {
+            unpin(&granter, m.gref, m.write, Some((me, h)));
+        }
+    }
+}

@@ -140,7 +140,7 @@ fn mmuext_one(
 }
 
 /// Guest-physical address of the L1 entry that maps `va` under root `cr3`.
-fn l1_entry_for(pool: &PoolAccess<'_>, cr3: u64, va: u64) -> Result<u64, Errno> {
+pub(crate) fn l1_entry_for(pool: &PoolAccess<'_>, cr3: u64, va: u64) -> Result<u64, Errno> {
     let mut table = cr3 & PTE_ADDR_MASK;
     for shift in [39u32, 30, 21] {
         let e = pool.read_pte(table + ((va >> shift) & 511) * 8);

@@ -260,6 +260,42 @@ impl Mmu {
         Ok((level, old))
     }
 
+    /// Writes the L1 entry at `gpa` on the hypervisor's own behalf, without validating
+    /// `val` (grant mappings, SPEC 8.8: their targets lie in the grant window, which
+    /// guest-made entries may not map, so they take no reference and decode as not
+    /// present when the table is untyped). The frame must be a validated L1 table
+    /// (else EINVAL); the entry must currently be not present (`expect` = `None`) or
+    /// exactly `expect` (else EBUSY). A replaced present entry is recorded for
+    /// coherence like any changed L1 entry.
+    pub fn hv_write_l1(
+        &mut self,
+        mem: &mut impl PtMemory,
+        gpa: u64,
+        expect: Option<u64>,
+        val: u64,
+    ) -> Result<(), Errno> {
+        let idx = self.pool_entry(gpa).map_err(|_| Errno::EINVAL)?;
+        let f = self.frames[idx];
+        if f.level != 1 || f.type_count == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let old = mem.read_pte(gpa);
+        let ok = match expect {
+            None => old & PTE_P == 0,
+            Some(v) => old == v,
+        };
+        if !ok {
+            return Err(Errno::EBUSY);
+        }
+        mem.write_pte(gpa, val);
+        if old & PTE_P != 0 && old != val {
+            self.changes
+                .old_l1_targets
+                .push(old & hv_abi::mmu::PTE_ADDR_MASK);
+        }
+        Ok(())
+    }
+
     fn get_ref(&mut self, mem: &mut impl PtMemory, t: Target) -> Result<(), Errno> {
         match t {
             Target::NotPresent | Target::Ram | Target::PoolReadOnly(_) => Ok(()),

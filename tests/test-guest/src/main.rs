@@ -27,6 +27,7 @@
 #![no_main]
 
 mod evtchn;
+mod grant;
 mod mmu;
 
 use core::cell::UnsafeCell;
@@ -73,6 +74,11 @@ fn main(si: &'static StartInfo) -> ! {
         b"evtchn-pong" => evtchn::ping_pong(si, false),
         b"evtchn-hostile" => evtchn::hostile(si),
         b"evtchn-die" => evtchn::die(si),
+        b"evtchn-smp" => evtchn::smp(si),
+        b"grant-a" => grant::granter(si),
+        b"grant-b" => grant::mapper(si),
+        b"grant-die-a" => grant::dying_granter(si),
+        b"grant-die-b" => grant::survivor(si),
         b"mmu" => mmu::run(si),
         b"trapped-write" => mmu::trapped_write(si),
         b"ring3-remap" => ring3_remap(si, 0),
