@@ -163,3 +163,33 @@ fn several_vcpus_per_domain_run_concurrently() {
         expect(r, &[("rounds_done", 10)]);
     }
 }
+
+#[test]
+fn ipis_and_moved_ports_reach_the_second_vcpu() {
+    if !kvm_available() {
+        return;
+    }
+    let config = hv_core::DomainConfig {
+        vcpus: 2,
+        ..hv_core::DomainConfig::default()
+    };
+    let run = tests::scenario_with("evtchn-smp", "", config);
+    assert_poweroff(&run, 0);
+    assert!(run.console.contains("evtchn-smp ok"), "{}", run.console);
+    expect(
+        &run,
+        &[
+            ("set_vector", 0),
+            ("set_vector1", 0),
+            ("vcpu1_up", 1),
+            ("bind_ipi1", 0),
+            // vCPU 1's own vector ran its handler; vCPU 0 took no upcall for it.
+            ("ipi_reached_vcpu1", 1),
+            ("vcpu0_upcalls_for_ipi1", 0),
+            ("bind_vcpu", 0),
+            ("status_vcpu_after_bind", 1),
+            ("moved_port_reached_vcpu1", 1),
+            ("bind_vcpu_bad", EINVAL),
+        ],
+    );
+}

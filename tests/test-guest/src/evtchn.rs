@@ -6,7 +6,8 @@
 //! | `evtchn-local` | one domain: IPI upcalls, masking, flood coalescing, status, close, bad ports, VIRQ_TIMER + block, poll timeout, loopback interdomain |
 //! | `evtchn-ping` / `evtchn-pong` | two connected domains: `rounds=N` round trips; pong blocks, replies |
 //! | `evtchn-hostile` | bind to a port not offered, foreign ports, dead peer (needs a connected peer `evtchn-die`) |
-//! | `evtchn-die` | connected: powers off at once (exit 7) |
+//! | `evtchn-die` | connected: waits for one event, then powers off (exit 7) |
+//! | `evtchn-smp` | 2 vCPUs: an IPI port bound to vCPU 1, a port moved to vCPU 1 with `BIND_VCPU`, each taken by vCPU 1's own upcall vector |
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -47,7 +48,14 @@ extern "C" {
     /// The upcall interrupt gate: saves the caller-saved registers, calls
     /// `tg_upcall`, restores them, `iretq`.
     fn tg_upcall_stub();
+    /// vCPU 1's upcall gate (vector `VECTOR + 1`): calls `tg_upcall1`.
+    fn tg_upcall1_stub();
 }
+
+/// Upcalls taken by vCPU 1.
+static UPCALLS1: AtomicU64 = AtomicU64::new(0);
+/// The last port vCPU 1's handler saw.
+static LAST_PORT1: AtomicU64 = AtomicU64::new(0);
 
 core::arch::global_asm!(
     ".pushsection .text.tg_upcall_stub, \"ax\"",
@@ -65,6 +73,181 @@ core::arch::global_asm!(
     ".popsection",
     handler = sym tg_upcall,
 );
+
+core::arch::global_asm!(
+    ".pushsection .text.tg_upcall1_stub, \"ax\"",
+    ".global tg_upcall1_stub",
+    "tg_upcall1_stub:",
+    "push rax", "push rcx", "push rdx", "push rsi", "push rdi",
+    "push r8", "push r9", "push r10", "push r11",
+    "sub rsp, 8",
+    "call {handler}",
+    "add rsp, 8",
+    "pop r11", "pop r10", "pop r9", "pop r8",
+    "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
+    "iretq",
+    ".popsection",
+    handler = sym tg_upcall1,
+);
+
+fn vcpu_byte(v: usize, off: usize) -> &'static AtomicU8 {
+    // SAFETY: shared_info is identity-mapped RAM for the domain's life; `v` < 32 and
+    // `off` is a byte of that vCPU's 64-byte record; accessed atomically only.
+    unsafe { &*((SHARED_INFO_GPA as usize + v * 64 + off) as *const AtomicU8) }
+}
+
+fn vcpu_sel(v: usize) -> &'static AtomicU64 {
+    // SAFETY: as `vcpu_byte`; offset 8 is the 8-aligned `pending_sel`.
+    unsafe { &*((SHARED_INFO_GPA as usize + v * 64 + 8) as *const AtomicU64) }
+}
+
+/// vCPU 1's upcall handler: the same 2-level scan over vCPU 1's record.
+extern "C" fn tg_upcall1() {
+    UPCALLS1.fetch_add(1, Ordering::AcqRel);
+    vcpu_byte(1, 0).store(0, Ordering::Release);
+    let sel = vcpu_sel(1).swap(0, Ordering::AcqRel);
+    for w in 0..64usize {
+        if sel & (1 << w) == 0 {
+            continue;
+        }
+        let ready = pending_word(w).load(Ordering::Acquire) & !mask_word(w).load(Ordering::Acquire);
+        for b in 0..64 {
+            if ready & (1 << b) != 0 {
+                pending_word(w).fetch_and(!(1 << b), Ordering::AcqRel);
+                LAST_PORT1.store((w * 64 + b) as u64, Ordering::Release);
+            }
+        }
+    }
+    // SAFETY: x2APIC EOI (ring 0).
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") 0x80Bu32, in("eax") 0u32, in("edx") 0u32, options(nostack));
+    }
+}
+
+#[repr(C, align(16))]
+struct Stack1(UnsafeCell<[u8; 16384]>);
+// SAFETY: used only as vCPU 1's stack.
+unsafe impl Sync for Stack1 {}
+static STACK1: Stack1 = Stack1(UnsafeCell::new([0; 16384]));
+
+/// vCPU 1: load the IDT, enable interrupts, sleep in SCHEDOP_BLOCK forever (its
+/// upcalls run the handler).
+extern "C" fn smp_vcpu1(_arg: u64) -> ! {
+    // SAFETY: the IDT was filled by vCPU 0 before vCPU 1 was started.
+    unsafe {
+        arch::load_idt(&DescriptorTablePointer {
+            limit: (core::mem::size_of::<[IdtEntry; 256]>() - 1) as u16,
+            base: guest_sdk::virt_to_phys(IDT.0.get()),
+        });
+    }
+    sti();
+    loop {
+        vcpu_byte(1, 1).store(1, Ordering::Release);
+        if vcpu_byte(1, 0).load(Ordering::Acquire) != 0 {
+            vcpu_byte(1, 1).store(0, Ordering::Release);
+            tg_upcall1();
+            continue;
+        }
+        block();
+    }
+}
+
+/// Spins (yielding) until `f` holds or about a second passes; returns whether it held.
+fn wait_for(f: impl Fn() -> bool) -> bool {
+    let t0 = now_ns();
+    while !f() {
+        if now_ns() - t0 > 1_000_000_000 {
+            return false;
+        }
+        // SAFETY: no pointers.
+        unsafe { hypercall1(Op::SchedOp, guest_sdk::hv_abi::sched::SCHEDOP_YIELD) };
+    }
+    true
+}
+
+/// `evtchn-smp` (2 vCPUs).
+pub fn smp(si: &StartInfo) -> ! {
+    if si.nr_vcpus < 2 {
+        println!("evtchn-smp: needs 2 vCPUs");
+        poweroff(1)
+    }
+    // SAFETY: vCPU 0 fills the IDT before anyone loads it.
+    unsafe {
+        (*IDT.0.get())[VECTOR as usize + 1] =
+            IdtEntry::interrupt_gate(tg_upcall1_stub as *const () as u64, 0);
+    }
+    println!("set_vector={}", install_upcall());
+    // vCPU 0 sets vCPU 1's vector before vCPU 1 is up.
+    // SAFETY: no pointers.
+    println!("set_vector1={}", unsafe {
+        hypercall3(Op::VcpuOp, VCPUOP_SET_UPCALL_VECTOR, 1, VECTOR + 1)
+    });
+    sti();
+    let ctx = guest_sdk::hv_abi::hypercall::VcpuContext {
+        rip: smp_vcpu1 as *const () as u64,
+        rsp: guest_sdk::virt_to_phys(STACK1.0.get()) + 16384 - 8,
+        cr3: arch::read_cr3() & 0x000f_ffff_ffff_f000,
+        arg: 0,
+        reserved: [0; 4],
+    };
+    let up = guest_sdk::vcpu_initialise(1, &ctx).is_ok()
+        // SAFETY: vCPU 1 runs `smp_vcpu1` on its own stack with our page tables.
+        && unsafe { guest_sdk::vcpu_up(1) }.is_ok();
+    println!("vcpu1_up={}", up as u8);
+
+    let mut b = EvtchnBindVcpu {
+        vcpu: 1,
+        ..Default::default()
+    };
+    let r = evtchn_op(EVTCHNOP_BIND_IPI, &mut b);
+    let ipi1 = b.port;
+    println!("bind_ipi1={r}");
+    let before0 = UPCALLS.load(Ordering::Acquire);
+    port_op(EVTCHNOP_SEND, ipi1.into());
+    println!(
+        "ipi_reached_vcpu1={}",
+        wait_for(|| LAST_PORT1.load(Ordering::Acquire) == ipi1 as u64) as u8
+    );
+    println!(
+        "vcpu0_upcalls_for_ipi1={}",
+        UPCALLS.load(Ordering::Acquire) - before0
+    );
+
+    // A loopback pair; the receiving end moved to vCPU 1.
+    let mut a = EvtchnAllocUnbound {
+        remote_dom: 0x7FF0,
+        port: 0,
+    };
+    evtchn_op(EVTCHNOP_ALLOC_UNBOUND, &mut a);
+    let mut bi = EvtchnBindInterdomain {
+        remote_dom: 0x7FF0,
+        remote_port: a.port,
+        ..Default::default()
+    };
+    evtchn_op(EVTCHNOP_BIND_INTERDOMAIN, &mut bi);
+    let mut mv = EvtchnBindVcpu {
+        port: a.port,
+        vcpu: 1,
+        ..Default::default()
+    };
+    println!("bind_vcpu={}", evtchn_op(EVTCHNOP_BIND_VCPU, &mut mv));
+    println!("status_vcpu_after_bind={}", status(a.port).1.vcpu);
+    let up1 = UPCALLS1.load(Ordering::Acquire);
+    port_op(EVTCHNOP_SEND, bi.local_port.into());
+    println!(
+        "moved_port_reached_vcpu1={}",
+        wait_for(|| LAST_PORT1.load(Ordering::Acquire) == a.port as u64
+            && UPCALLS1.load(Ordering::Acquire) > up1) as u8
+    );
+    let mut mv = EvtchnBindVcpu {
+        port: a.port,
+        vcpu: 2,
+        ..Default::default()
+    };
+    println!("bind_vcpu_bad={}", evtchn_op(EVTCHNOP_BIND_VCPU, &mut mv));
+    println!("evtchn-smp ok");
+    poweroff(0)
+}
 
 fn shared() -> *mut SharedInfo {
     SHARED_INFO_GPA as *mut SharedInfo
