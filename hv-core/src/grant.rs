@@ -118,6 +118,8 @@ struct Mapping {
     granter: DomKey,
     gref: u32,
     write: bool,
+    /// The L1 entry value map wrote.
+    pte: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -130,8 +132,9 @@ enum Handle {
     },
     /// A mapping; its window slot shows the granted frame.
     Live(Mapping),
-    /// The granter died: the slot shows scratch memory until the guest unmaps.
-    Dead,
+    /// The granter died: the slot shows scratch memory until the guest unmaps. Holds
+    /// the L1 entry value map wrote.
+    Dead(u64),
 }
 
 /// The host memory behind a grant window: `frames` pages, each either a private
@@ -344,7 +347,7 @@ impl Grants {
         match *slot {
             Handle::Live(m) if m.granter == granter => {
                 self.window.scratch(h);
-                *slot = Handle::Dead;
+                *slot = Handle::Dead(m.pte);
             }
             Handle::Pending { granter: g, .. } if g == granter => {
                 *slot = Handle::Pending {
@@ -691,6 +694,7 @@ fn map_one(dom: &DomainShared, cr3: u64, op: &GnttabMapGrantRef) -> Result<(u32,
         granter: gkey,
         gref: op.ref_,
         write,
+        pte: 0,
     };
     match complete_map(dom, cr3, h, &granter, frame, op, mapping) {
         Ok(bus) => Ok((h, bus)),
@@ -756,7 +760,7 @@ fn complete_map(
         g.window.scratch(h);
         return Err(e);
     }
-    st.handles[h as usize] = Handle::Live(mapping);
+    st.handles[h as usize] = Handle::Live(Mapping { pte, ..mapping });
     tracing::trace!(
         handle = h,
         gref = mapping.gref,
@@ -776,14 +780,15 @@ fn unmap_one(dom: &DomainShared, cr3: u64, op: &GnttabUnmapGrantRef) -> Result<(
         let mut st = g.lock()?;
         let live = match st.handles.get(h as usize) {
             Some(Handle::Live(m)) => Some(*m),
-            Some(Handle::Dead) => None,
+            Some(Handle::Dead(_)) => None,
             _ => return Err(Errno::EINVAL),
         };
+        let pte = match st.handles[h as usize] {
+            Handle::Live(m) => m.pte,
+            Handle::Dead(pte) => pte,
+            _ => 0,
+        };
         // Clear the L1 entry if it still holds what map wrote, then drop the frame.
-        let mut pte = g.slot_gpa(h) | PTE_P | PTE_A;
-        if live.is_none_or(|m| m.write) {
-            pte |= PTE_W | PTE_D;
-        }
         clear_pte(dom, cr3, op.host_addr, pte);
         g.window.scratch(h);
         st.handles[h as usize] = Handle::Free;
@@ -797,8 +802,8 @@ fn unmap_one(dom: &DomainShared, cr3: u64, op: &GnttabUnmapGrantRef) -> Result<(
     Ok(())
 }
 
-/// Clears the L1 entry for `va` under `cr3` if it is one of the values map writes for
-/// this slot (`pte`, with or without U). A failed walk changes nothing.
+/// Clears the L1 entry for `va` under `cr3` if it holds `pte`. A failed walk changes
+/// nothing.
 fn clear_pte(dom: &DomainShared, cr3: u64, va: u64, pte: u64) {
     let Ok(mut mmu) = dom.mmu.lock() else { return };
     if !mmu.is_pinned_l4(cr3 & hv_abi::mmu::PTE_ADDR_MASK) {
@@ -808,12 +813,8 @@ fn clear_pte(dom: &DomainShared, cr3: u64, va: u64, pte: u64) {
     let Ok(at) = l1_entry_for(&pool, cr3, va) else {
         return;
     };
-    let cur = crate::mmu::PtMemory::read_pte(&pool, at);
-    // A dead mapping does not know whether it was writable: accept both forms.
-    let ro = pte & !(PTE_W | PTE_D);
-    if [pte, pte | PTE_U, ro, ro | PTE_U].contains(&cur) {
-        let _ = mmu.hv_write_l1(&mut pool, at, Some(cur), 0);
-    }
+    // Left alone unless it still holds exactly what map wrote.
+    let _ = mmu.hv_write_l1(&mut pool, at, Some(pte), 0);
 }
 
 /// One side of a copy, pinned if it is a grant.
@@ -936,7 +937,7 @@ pub fn destroy(dom: &DomainShared) {
                     g.window.scratch(h as u32);
                     mine.push((h as u32, m));
                 }
-                Handle::Dead => g.window.scratch(h as u32),
+                Handle::Dead(_) => g.window.scratch(h as u32),
                 Handle::Free | Handle::Pending { .. } => continue,
             }
             *slot = Handle::Free;
