@@ -965,3 +965,100 @@ pub fn destroy(dom: &DomainShared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::DomainMemory;
+    use crate::mmu::{FlatPool, Layout, Mmu, PtMemory};
+
+    fn read_u64(addr: usize) -> u64 {
+        // SAFETY: test-only read of a mapped, 8-aligned host address.
+        unsafe { std::ptr::read_volatile(addr as *const u64) }
+    }
+
+    fn write_u64(addr: usize, v: u64) {
+        // SAFETY: test-only write of a mapped, writable, 8-aligned host address.
+        unsafe { std::ptr::write_volatile(addr as *mut u64, v) }
+    }
+
+    #[test]
+    fn window_slot_shares_the_granted_frame_and_scratch_forgets_it() {
+        let mem = DomainMemory::new("g", 4 << 20, 8).unwrap();
+        mem.write_ram(5 * PAGE_SIZE, &0x1122_3344_u64.to_le_bytes())
+            .unwrap();
+        let w = Window::new(4).unwrap();
+        assert_eq!(read_u64(w.slot(2)), 0, "an unused slot is zero");
+        w.map(2, mem.memfd(), 5, false).unwrap();
+        assert_eq!(read_u64(w.slot(2)), 0x1122_3344);
+        write_u64(w.slot(2) + 8, 0xABCD);
+        let mut b = [0u8; 8];
+        mem.read_ram(5 * PAGE_SIZE + 8, &mut b).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(b),
+            0xABCD,
+            "writes reach the granter's RAM"
+        );
+        w.scratch(2);
+        assert_eq!(read_u64(w.slot(2)), 0);
+        mem.read_ram(5 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(b),
+            0x1122_3344,
+            "the frame itself is untouched"
+        );
+        // Read-only mapping: readable (writing it would fault the host).
+        w.map(1, mem.memfd(), 5, true).unwrap();
+        assert_eq!(read_u64(w.slot(1)), 0x1122_3344);
+    }
+
+    #[test]
+    fn window_entries_are_refused_to_guests_and_harmless_when_untyped() {
+        let pool = 0x40_0000;
+        let layout = Layout {
+            phys_bits: 46,
+            ram_frames: 1024,
+            pool_base: pool,
+            pool_frames: 4,
+        };
+        let window = window_gpa_for(pool + 4 * PAGE_SIZE);
+        assert_eq!(window, 0x60_0000);
+        let pte = window | PTE_P | PTE_A | PTE_W | PTE_D;
+        assert_eq!(layout.check_entry(1, 0, pte), Err(Errno::EACCES));
+        let mut mem = FlatPool::new(pool, 4);
+        let mut mmu = Mmu::new(layout);
+        mmu.pin(&mut mem, 1, pool).unwrap();
+        // Only a validated L1 takes a grant entry, and only in a free slot.
+        assert_eq!(
+            mmu.hv_write_l1(&mut mem, pool + PAGE_SIZE, None, pte),
+            Err(Errno::EINVAL)
+        );
+        mmu.hv_write_l1(&mut mem, pool + 8, None, pte).unwrap();
+        assert_eq!(mem.read_pte(pool + 8), pte);
+        assert_eq!(
+            mmu.hv_write_l1(&mut mem, pool + 8, None, pte),
+            Err(Errno::EBUSY)
+        );
+        // A guest update cannot copy it elsewhere.
+        assert_eq!(
+            mmu.write_entry(&mut mem, pool + 16, pte),
+            Err(Errno::EACCES)
+        );
+        // Untyping the table with the entry in it is harmless; typing it again is not
+        // allowed until the entry is gone.
+        mmu.unpin(&mut mem, pool, false).unwrap();
+        assert!(mmu.frames().iter().all(|f| f.type_count == 0));
+        assert_eq!(mmu.pin(&mut mem, 1, pool), Err(Errno::EACCES));
+        mem.write_pte(pool + 8, 0);
+        mmu.pin(&mut mem, 1, pool).unwrap();
+        // Clearing records the old target for coherence.
+        mmu.hv_write_l1(&mut mem, pool + 8, None, pte).unwrap();
+        assert_eq!(
+            mmu.hv_write_l1(&mut mem, pool + 8, Some(pte | PTE_U), 0),
+            Err(Errno::EBUSY)
+        );
+        mmu.take_changes();
+        mmu.hv_write_l1(&mut mem, pool + 8, Some(pte), 0).unwrap();
+        assert_eq!(mmu.take_changes().old_l1_targets, vec![window]);
+    }
+}
