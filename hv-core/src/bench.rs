@@ -10,8 +10,15 @@
 //! | `mmu_trapped_write` | ns per PTE rewritten by direct stores into a pinned L1 (an exit each) | - |
 //! | `mmu_batch_512` | ns per PTE rewritten by one prepared 512-entry `mmu_update`, resubmitted | `mmu_trapped_write` |
 //! | `irq_floor` | us per ping-pong round trip between two bare KVM guests over irqfd/MSI ([`irq_floor`]) | - |
+//! | `evtchn_pingpong` | us per round trip between two hv domains over an event channel, upcalls ([`evtchn`]) | `irq_floor` |
+//! | `evtchn_pingpong_poll` | the same, each side waiting in `SCHEDOP_POLL` ([`evtchn`]) | `irq_floor` |
 //! | `memcpy_4k` | GB/s copying 4 KiB between two memfd mappings on the host ([`memcpy`]) | - |
+//! | `grant_copy_4k` | GB/s of batched 4 KiB `GNTTABOP_COPY` operations, host side ([`grant`]) | `memcpy_4k` |
+//! | `grant_map_unmap` | us per grant map + unmap pair, host side ([`grant`]) | - |
+//! | `density` | rows `density_*`: N idle demo domains ([`crate::density`]) | - |
 
+pub mod evtchn;
+pub mod grant;
 pub mod irq_floor;
 pub mod memcpy;
 
@@ -33,8 +40,8 @@ use crate::outcome::Outcome;
 /// RAM of the guests the benchmarks boot.
 pub const BENCH_MEM: u64 = 64 << 20;
 
-/// Names of all benchmarks, in run order.
-pub const ALL: [&str; 8] = [
+/// Names of all benchmarks, in run order (`density` stands for its `density_*` rows).
+pub const ALL: [&str; 13] = [
     "exit_floor",
     "null_hypercall",
     "kvm_create_floor",
@@ -42,8 +49,37 @@ pub const ALL: [&str; 8] = [
     "mmu_trapped_write",
     "mmu_batch_512",
     "irq_floor",
+    "evtchn_pingpong",
+    "evtchn_pingpong_poll",
     "memcpy_4k",
+    "grant_copy_4k",
+    "grant_map_unmap",
+    "density",
 ];
+
+/// Domains the density benchmark boots unless told otherwise (the goal: 1000
+/// on a 2-core, 24 GiB machine).
+pub const DENSITY_DOMAINS: usize = 1000;
+/// Guest RAM of each density domain: the demo kernel's idle role touches well under
+/// 1 MiB; 4 MiB leaves it room and keeps the untouched reservation small.
+pub const DENSITY_MEM: u64 = 4 << 20;
+/// How long the idle domains' CPU use is measured.
+const DENSITY_IDLE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Options of `hv bench`.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Domains the density benchmark boots.
+    pub density_domains: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            density_domains: DENSITY_DOMAINS,
+        }
+    }
+}
 
 /// A benchmark failed or was unknown.
 #[derive(Debug, Error)]
@@ -65,12 +101,18 @@ pub enum BenchError {
     /// The guest did not do what the benchmark expects.
     #[error("benchmark guest misbehaved: {0}")]
     Guest(String),
+    /// The density benchmark failed.
+    #[error("density: {0}")]
+    Density(#[from] crate::density::DensityError),
+    /// Bad options.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl BenchError {
     /// True for errors in the user's request.
     pub fn is_user_error(&self) -> bool {
-        matches!(self, BenchError::Unknown(_))
+        matches!(self, BenchError::Unknown(_) | BenchError::Usage(_))
     }
 }
 
@@ -93,9 +135,19 @@ pub struct BenchResult {
     pub ratio: Option<f64>,
 }
 
-/// Runs the named benchmarks (all if `names` is empty); floors needed for a ratio are
-/// run too.
+/// Runs the named benchmarks (all if `names` is empty) with the default options; floors
+/// needed for a ratio are run too.
 pub fn run(names: &[String]) -> Result<Vec<BenchResult>, BenchError> {
+    run_with(names, &BenchOptions::default())
+}
+
+/// [`run`] with options.
+pub fn run_with(names: &[String], opts: &BenchOptions) -> Result<Vec<BenchResult>, BenchError> {
+    if opts.density_domains == 0 {
+        return Err(BenchError::Usage(
+            "the density benchmark needs at least one domain".into(),
+        ));
+    }
     for n in names {
         if !ALL.contains(&n.as_str()) {
             return Err(BenchError::Unknown(n.clone()));
@@ -151,18 +203,107 @@ pub fn run(names: &[String]) -> Result<Vec<BenchResult>, BenchError> {
             out.push(row(name, median(bench), unit, Some((floor_name, floor))));
         }
     }
-    // Floors whose benchmark is not written yet: reported alone.
-    let alone: [(&str, Once, &str, usize); 2] = [
-        ("irq_floor", irq_floor::irq_floor_once, "us", irq_floor::REPS),
-        ("memcpy_4k", memcpy::memcpy_4k_once, "GB/s", REPS),
+    // Floors with two benchmarks each, all interleaved repetition by repetition.
+    // (floor, its function, its benchmarks, unit, repetitions)
+    type Group<'a> = (&'a str, Once, &'a [(&'a str, Once)], &'a str, usize);
+    let groups: [Group; 2] = [
+        (
+            "irq_floor",
+            irq_floor::irq_floor_once,
+            &[
+                ("evtchn_pingpong", evtchn::evtchn_pingpong_once),
+                ("evtchn_pingpong_poll", evtchn::evtchn_pingpong_poll_once),
+            ],
+            "us",
+            irq_floor::REPS,
+        ),
+        (
+            "memcpy_4k",
+            memcpy::memcpy_4k_once,
+            &[("grant_copy_4k", grant::grant_copy_4k_once)],
+            "GB/s",
+            REPS,
+        ),
     ];
-    for (name, once, unit, reps) in alone {
-        if want(name) {
-            let v = (0..reps).map(|_| once(&kvm)).collect::<Result<Vec<_>, _>>()?;
-            out.push(row(name, median(v), unit, None));
+    for (floor_name, floor_once, benches, unit, reps) in groups {
+        let wanted: Vec<&(&str, Once)> = benches.iter().filter(|b| want(b.0)).collect();
+        if !want(floor_name) && wanted.is_empty() {
+            continue;
+        }
+        let mut floor = Vec::new();
+        let mut values = vec![Vec::new(); wanted.len()];
+        for _ in 0..reps {
+            floor.push(floor_once(&kvm)?);
+            for (v, (_, once)) in values.iter_mut().zip(&wanted) {
+                v.push(once(&kvm)?);
+            }
+        }
+        let floor = median(floor);
+        out.push(row(floor_name, floor, unit, None));
+        for (v, (name, _)) in values.into_iter().zip(&wanted) {
+            out.push(row(name, median(v), unit, Some((floor_name, floor))));
         }
     }
+    if want("grant_map_unmap") {
+        let v = (0..REPS)
+            .map(|_| grant::grant_map_unmap_once(&kvm))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(row("grant_map_unmap", median(v), "us", None));
+    }
+    if want("density") {
+        out.extend(density_rows(kvm, opts.density_domains)?);
+    }
     Ok(out)
+}
+
+/// One density run of `n` idle demo domains, as rows.
+fn density_rows(kvm: Kvm, n: usize) -> Result<Vec<BenchResult>, BenchError> {
+    if crate::DEMO_KERNEL.is_empty() {
+        return Err(BenchError::Usage(
+            "density needs the demo kernel: this hv was built without it".into(),
+        ));
+    }
+    let image = KernelImage::from_elf(crate::DEMO_KERNEL).map_err(DomainError::from)?;
+    raise_fd_limit();
+    let r = crate::density::run(
+        kvm,
+        &image,
+        "role=idle",
+        n,
+        DENSITY_MEM,
+        DENSITY_IDLE_WINDOW,
+    )?;
+    tracing::info!(?r, "density run");
+    Ok(vec![
+        row("density_boot_rate", r.boot_rate_per_s, "domains/s", None),
+        row(
+            "density_overhead",
+            r.overhead_kib_per_domain,
+            "KiB/domain",
+            None,
+        ),
+        row("density_rss", r.rss_kib_per_domain, "KiB/domain", None),
+        row(
+            "density_touched",
+            r.touched_kib_per_domain,
+            "KiB/domain",
+            None,
+        ),
+        row("density_idle_cpu", r.idle_cpu_percent, "% of a core", None),
+    ])
+}
+
+/// Many domains need many descriptors (VM, vCPU, memory, eventfds): the soft limit is
+/// raised to the hard one.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
 }
 
 fn row(name: &str, value: f64, unit: &str, floor: Option<(&str, f64)>) -> BenchResult {
@@ -183,12 +324,12 @@ pub fn to_json(results: &[BenchResult]) -> String {
 /// A plain-text table.
 pub fn to_table(results: &[BenchResult]) -> String {
     let mut s = format!(
-        "{:<18} {:>12} {:<4} {:<18} {:>8}\n",
+        "{:<22} {:>12} {:<12} {:<18} {:>8}\n",
         "benchmark", "value", "unit", "vs", "ratio"
     );
     for r in results {
         s += &format!(
-            "{:<18} {:>12.3} {:<4} {:<18} {:>8}\n",
+            "{:<22} {:>12.3} {:<12} {:<18} {:>8}\n",
             r.name,
             r.value,
             r.unit,
@@ -227,7 +368,7 @@ pub fn boot_probe_code() -> Vec<u8> {
     c
 }
 
-fn shutdown_code() -> Vec<u8> {
+pub(crate) fn shutdown_code() -> Vec<u8> {
     let mut c = vec![0xB8];
     c.extend_from_slice(&(Op::SchedOp as u32).to_le_bytes());
     c.push(0xBF); // mov edi, SCHEDOP_SHUTDOWN

@@ -14,7 +14,7 @@ use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig};
     name = "hv",
     version,
     about = "hv: a paravirtual hypervisor on KVM",
-    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error. With --config: 100 if any domain crashed, else the first non-zero\npoweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
+    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n  hv bench density --domains 200   density with 200 idle domains\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error. With --config: 100 if any domain crashed, else the first non-zero\npoweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -56,11 +56,17 @@ enum Command {
     /// Run benchmarks on real KVM.
     Bench {
         /// Benchmarks to run (all if none): exit_floor, null_hypercall, kvm_create_floor,
-        /// domain_boot, mmu_trapped_write, mmu_batch_512.
+        /// domain_boot, mmu_trapped_write, mmu_batch_512, irq_floor, evtchn_pingpong,
+        /// evtchn_pingpong_poll, memcpy_4k, grant_copy_4k, grant_map_unmap, density
+        /// (density boots --domains idle demo domains of 4 MiB, ~10 s for 1000, and
+        /// reports its density_* rows).
         names: Vec<String>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Domains the density benchmark boots.
+        #[arg(long, default_value_t = bench::DENSITY_DOMAINS)]
+        domains: usize,
     },
 }
 
@@ -112,7 +118,16 @@ fn main() -> ExitCode {
             );
             0
         }
-        Command::Bench { names, json } => match bench::run(&names) {
+        Command::Bench {
+            names,
+            json,
+            domains,
+        } => match bench::run_with(
+            &names,
+            &bench::BenchOptions {
+                density_domains: domains,
+            },
+        ) {
             Ok(results) => {
                 if json {
                     println!("{}", bench::to_json(&results));

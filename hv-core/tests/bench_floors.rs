@@ -1,5 +1,5 @@
 //! The raw floors of `hv bench` on real KVM: `irq_floor` (two bare guests ping-pong
-//! over irqfd/MSI) and `memcpy_4k`.
+//! over irqfd/MSI) and `memcpy_4k`, and the event-channel ping-pong on two hv domains.
 
 use hv_core::bench::irq_floor::irq_floor_split;
 use hv_core::bench::memcpy::memcpy_4k_once;
@@ -30,4 +30,21 @@ fn memcpy_4k_copies_and_reports_a_rate() {
     let Some(kvm) = kvm() else { return };
     let gbs = memcpy_4k_once(&kvm).expect("memcpy_4k (checks the copied bytes)");
     assert!(gbs.is_finite() && gbs > 0.0, "{gbs}");
+}
+
+#[test]
+fn evtchn_ping_pong_completes_with_both_waits() {
+    use hv_core::bench::evtchn::{evtchn_round_trips, Wait};
+    if kvm().is_none() {
+        return;
+    }
+    // A powers off only after handling exactly `rounds` events from B (the run checks
+    // A's count, A's poweroff and B's destruction); a lost event ends it with an error.
+    for wait in [Wait::Upcall, Wait::Poll] {
+        for rounds in [1, 25] {
+            let t = evtchn_round_trips(wait, rounds).expect("ping-pong");
+            assert!(t > std::time::Duration::ZERO, "{wait:?} {rounds}");
+        }
+        assert!(evtchn_round_trips(wait, 0).is_err());
+    }
 }

@@ -123,7 +123,7 @@ struct FloorVm {
 }
 
 /// A 16-byte 64-bit interrupt gate: present, DPL 0, kernel code selector.
-fn interrupt_gate(handler: u64) -> [u8; 16] {
+pub(crate) fn interrupt_gate(handler: u64) -> [u8; 16] {
     let low = (handler & 0xFFFF)
         | (u64::from(layout::SEL_KERNEL_CODE) << 16)
         | (0x8E << 40)
