@@ -2,6 +2,7 @@
 //! ELF surgery for the loader's rejection cases.
 
 pub mod evtchn_model;
+pub mod grant_model;
 pub mod mmu_model;
 
 use std::sync::OnceLock;

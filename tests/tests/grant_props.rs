@@ -1,0 +1,870 @@
+//! Property test: hv-core's grant tables against the reference model
+//! (tests::grant_model) over random operation sequences on three real (created, not
+//! running) domains. Each operation is what a guest would do: entries are published
+//! and revoked with stores into the guest's table, map/unmap/copy structures are
+//! written into the caller's RAM and handed to `grant_table_op` with the boot page
+//! tables as CR3, and statuses are read back from RAM. After every operation the
+//! statuses and everything observable must agree with the model: every grant entry
+//! of refs 0..8 (with GTF_READING/GTF_WRITING), the L1 entries of the window VAs,
+//! the followed RAM frames (copies), true sharing through every live mapping (both
+//! directions for writable ones) and zero in revoked or freed window slots.
+
+use std::sync::Arc;
+
+use hv_abi::grant::{
+    GnttabCopy, GnttabCopyPtr, GnttabMapGrantRef, GnttabUnmapGrantRef, GrantEntryV1, DOMID_SELF,
+    GNTCOPY_DEST_GREF, GNTCOPY_SOURCE_GREF, GNTMAP_APPLICATION_MAP, GNTMAP_DEVICE_MAP,
+    GNTMAP_HOST_MAP, GNTMAP_READONLY, GNTTABOP_COPY, GNTTABOP_MAP_GRANT_REF,
+    GNTTABOP_UNMAP_GRANT_REF, GTF_PERMIT_ACCESS, GTF_READING, GTF_READONLY, GTF_WRITING,
+};
+use hv_abi::layout::{GRANT_TABLE_GPA, START_INFO_GPA};
+use hv_abi::mmu::{PTE_ADDR_MASK, PTE_P};
+use hv_abi::start_info::StartInfo;
+use hv_core::domain::{Domain, DomainShared};
+use hv_core::grant;
+use hv_core::memory::PoolAccess;
+use hv_core::mmu::hypercalls::VcpuEffects;
+use hv_core::mmu::PtMemory;
+use hv_core::registry::Registry;
+use hv_core::{ConsoleSink, DomainConfig, KernelImage};
+use proptest::prelude::*;
+use tests::grant_model::{Model, PAGE};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+const DOMS: u32 = 3;
+const MEM_BYTES: u64 = 4 << 20;
+const RAM_FRAMES: u64 = MEM_BYTES / PAGE;
+/// RAM frames the operations grant and copy between (nothing else uses them: the
+/// domains never run).
+const DATA: [u64; 4] = [0x200, 0x201, 0x202, 0x203];
+/// Where operation structures are written in the caller's RAM.
+const OPS_GPA: u64 = 0x300 * PAGE;
+/// Window VAs the maps use (the boot tables have L1 tables for the whole window).
+const VAS: u64 = 5;
+/// A VA with no L1 table on the boot tables (checked at set-up).
+const NO_L1_VA: u64 = 0x0000_4000_0000_0000;
+
+#[derive(Clone, Copy, Debug)]
+enum Va {
+    /// The first window VA whose L1 entry is not present (else window VA 0).
+    Free,
+    /// Window VA k (maybe in use).
+    Window(u64),
+    Unaligned,
+    NoL1,
+    HvRange,
+    NonCanonical,
+}
+
+/// Which grant an operation names.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    /// One of the entries currently published for the caller (any live granter,
+    /// itself included, named by id or `DOMID_SELF`), chosen by index; if there is
+    /// none, ref 0 of domain 1.
+    Published(usize),
+    /// Any granter id and reference.
+    Raw(u16, u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum HandlePick {
+    /// One of the handles map returned to the domain (maybe unmapped since).
+    Issued(usize),
+    /// One of the domain's current mappings (in the model), by index.
+    Live(usize),
+    Raw(u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum UnmapVa {
+    /// The VA the handle was mapped at.
+    Own,
+    Window(u64),
+    NoL1,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum LocalDom {
+    SelfId,
+    Own,
+    Other(u16),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    /// Raw granter and reference.
+    Gref(u16, u64),
+    /// A grant published for the caller (see [`Target::Published`]).
+    Published(usize),
+    Local(LocalDom, u64),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Bad {
+    None,
+    Flags,
+    Reserved,
+    SideReserved,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct CopySpec {
+    src: Side,
+    dst: Side,
+    src_off: u16,
+    dst_off: u16,
+    len: u16,
+    bad: Bad,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Grant {
+        d: u32,
+        gref: u32,
+        to: u16,
+        frame: u32,
+        readonly: bool,
+    },
+    Revoke(u32, u32),
+    Map {
+        d: u32,
+        target: Target,
+        flags: u32,
+        /// Set GNTMAP_READONLY iff the entry is GTF_READONLY (most maps succeed).
+        match_ro: bool,
+        va: Va,
+    },
+    Unmap {
+        d: u32,
+        handle: HandlePick,
+        va: UnmapVa,
+        reserved: bool,
+    },
+    Copy(u32, Vec<CopySpec>),
+    Kill(u32),
+}
+
+fn dom() -> impl Strategy<Value = u32> {
+    1..=DOMS
+}
+
+fn domid() -> impl Strategy<Value = u16> {
+    prop_oneof![6 => 1..=DOMS as u16, 1 => Just(DOMID_SELF), 1 => Just(77u16)]
+}
+
+fn gref() -> impl Strategy<Value = u32> {
+    prop_oneof![12 => 0..=8u32, 1 => Just(2047u32), 1 => Just(2048u32), 1 => Just(5000u32)]
+}
+
+fn frame() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        12 => prop::sample::select(DATA.to_vec()).prop_map(|f| f as u32),
+        1 => Just(0u32),
+        1 => Just(RAM_FRAMES as u32),
+        1 => Just(u32::MAX),
+    ]
+}
+
+fn target() -> impl Strategy<Value = Target> {
+    prop_oneof![
+        4 => any::<usize>().prop_map(Target::Published),
+        1 => (domid(), gref()).prop_map(|(d, r)| Target::Raw(d, r)),
+    ]
+}
+
+fn map_flags() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        12 => (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(ro, app, dev)| {
+            GNTMAP_HOST_MAP
+                | if ro { GNTMAP_READONLY } else { 0 }
+                | if app { GNTMAP_APPLICATION_MAP } else { 0 }
+                | if dev { GNTMAP_DEVICE_MAP } else { 0 }
+        }),
+        1 => Just(GNTMAP_READONLY),
+        1 => Just(GNTMAP_HOST_MAP | 0x10),
+    ]
+}
+
+fn va() -> impl Strategy<Value = Va> {
+    prop_oneof![
+        10 => Just(Va::Free),
+        4 => (0..VAS).prop_map(Va::Window),
+        1 => Just(Va::Unaligned),
+        1 => Just(Va::NoL1),
+        1 => Just(Va::HvRange),
+        1 => Just(Va::NonCanonical),
+    ]
+}
+
+fn handle() -> impl Strategy<Value = HandlePick> {
+    prop_oneof![
+        8 => any::<usize>().prop_map(HandlePick::Live),
+        3 => any::<usize>().prop_map(HandlePick::Issued),
+        2 => prop::sample::select(vec![0u32, 1, 2, 3, 1023, 1024, u32::MAX]).prop_map(HandlePick::Raw),
+    ]
+}
+
+fn unmap_va() -> impl Strategy<Value = UnmapVa> {
+    prop_oneof![
+        8 => Just(UnmapVa::Own),
+        1 => (0..VAS).prop_map(UnmapVa::Window),
+        1 => Just(UnmapVa::NoL1),
+    ]
+}
+
+fn side() -> impl Strategy<Value = Side> {
+    let gref = prop_oneof![
+        12 => 0..=8u64,
+        1 => Just(2048u64),
+        1 => Just(5000u64),
+        1 => Just(1u64 << 32),
+    ];
+    let local = prop_oneof![
+        4 => Just(LocalDom::SelfId),
+        2 => Just(LocalDom::Own),
+        1 => prop_oneof![(1..=DOMS as u16), Just(77u16)].prop_map(LocalDom::Other),
+    ];
+    let gfn = prop_oneof![
+        8 => prop::sample::select(DATA.to_vec()),
+        1 => Just(RAM_FRAMES),
+        1 => Just(u64::MAX),
+    ];
+    prop_oneof![
+        3 => any::<usize>().prop_map(Side::Published),
+        2 => (domid(), gref).prop_map(|(d, r)| Side::Gref(d, r)),
+        2 => (local, gfn).prop_map(|(l, f)| Side::Local(l, f)),
+    ]
+}
+
+fn offset() -> impl Strategy<Value = u16> {
+    prop_oneof![
+        6 => prop::sample::select(vec![0u16, 8, 100, 1000]),
+        2 => prop::sample::select(vec![1u16, 2048, 4000, 4095, 4096]),
+    ]
+}
+
+fn len() -> impl Strategy<Value = u16> {
+    prop_oneof![
+        6 => prop::sample::select(vec![1u16, 8, 64, 96, 333]),
+        2 => prop::sample::select(vec![0u16, 2048, 3000, 4096]),
+    ]
+}
+
+fn copy_spec() -> impl Strategy<Value = CopySpec> {
+    let bad = prop_oneof![
+        20 => Just(Bad::None),
+        1 => Just(Bad::Flags),
+        1 => Just(Bad::Reserved),
+        1 => Just(Bad::SideReserved),
+    ];
+    (side(), side(), offset(), offset(), len(), bad).prop_map(
+        |(src, dst, src_off, dst_off, len, bad)| CopySpec {
+            src,
+            dst,
+            src_off,
+            dst_off,
+            len,
+            bad,
+        },
+    )
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (dom(), 0..=8u32, domid(), frame(), any::<bool>()).prop_map(
+            |(d, gref, to, frame, readonly)| Op::Grant { d, gref, to, frame, readonly }
+        ),
+        3 => (dom(), 0..=8u32).prop_map(|(d, r)| Op::Revoke(d, r)),
+        14 => (dom(), target(), map_flags(), prop::bool::weighted(0.6), va()).prop_map(
+            |(d, target, flags, match_ro, va)| Op::Map { d, target, flags, match_ro, va }
+        ),
+        5 => (dom(), handle(), unmap_va(), prop::bool::weighted(0.05)).prop_map(
+            |(d, handle, va, reserved)| Op::Unmap { d, handle, va, reserved }
+        ),
+        8 => (dom(), prop::collection::vec(copy_spec(), 1..=4)).prop_map(|(d, v)| Op::Copy(d, v)),
+        1 => dom().prop_map(Op::Kill),
+    ]
+}
+
+struct Real {
+    _registry: Arc<Registry>,
+    doms: Vec<Domain>,
+    /// The boot page-table root (the same GPA in every domain).
+    cr3: u64,
+    window_gpa: u64,
+    /// Per domain: every handle map returned, with the VA it was mapped at.
+    issued: Vec<Vec<(u32, u64)>>,
+    /// A counter for fresh values written through mappings.
+    fresh: u64,
+}
+
+fn pattern(id: u32, frame: u64) -> Vec<u8> {
+    (0..PAGE)
+        .map(|i| (u64::from(id) * 71 + frame * 13 + i * 7 + (i >> 8)) as u8)
+        .collect()
+}
+
+fn fail(msg: impl std::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(msg.to_string())
+}
+
+/// Fails with `what` and the first differing byte if the pages differ.
+fn same_page(got: &[u8], want: &[u8], what: impl FnOnce() -> String) -> Result<(), TestCaseError> {
+    if got == want {
+        return Ok(());
+    }
+    let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+    Err(fail(format!(
+        "{}: byte {at} is {:#x}, the model says {:#x}",
+        what(),
+        got[at],
+        want[at]
+    )))
+}
+
+impl Real {
+    fn new() -> (Real, Model) {
+        let image = KernelImage::from_elf(tests::TEST_GUEST).expect("test guest");
+        let registry = Registry::new();
+        let kvm = tests::kvm();
+        let doms: Vec<Domain> = (1..=DOMS)
+            .map(|id| {
+                let config = DomainConfig {
+                    name: format!("gprop{id}"),
+                    domid: id,
+                    vcpus: 1,
+                    mem_bytes: MEM_BYTES,
+                    console: ConsoleSink::Discard,
+                    ..DomainConfig::default()
+                };
+                Domain::create_in(&kvm, &registry, config, &image).expect("create domain")
+            })
+            .collect();
+        let si: StartInfo = doms[0]
+            .shared()
+            .mem
+            .read_obj(START_INFO_GPA)
+            .expect("start_info");
+        assert_eq!(si.nr_pages, RAM_FRAMES);
+        assert_eq!(si.grant_window_gpa, doms[0].shared().grants.window_gpa());
+        let mut m = Model::new(
+            RAM_FRAMES,
+            si.grant_window_gpa,
+            u64::from(si.grant_window_frames),
+        );
+        for (i, d) in doms.iter().enumerate() {
+            let id = i as u32 + 1;
+            let s = d.shared();
+            let si2: StartInfo = s.mem.read_obj(START_INFO_GPA).expect("start_info");
+            assert_eq!(
+                (si2.pt_base_gpa, si2.grant_window_gpa),
+                (si.pt_base_gpa, si.grant_window_gpa)
+            );
+            let mut frames = Vec::new();
+            for f in DATA {
+                let bytes = pattern(id, f);
+                s.mem.write_ram(f * PAGE, &bytes).expect("data frame");
+                frames.push((f, bytes));
+            }
+            m.add(id, frames);
+        }
+        let real = Real {
+            _registry: registry,
+            doms,
+            cr3: si.pt_base_gpa,
+            window_gpa: si.grant_window_gpa,
+            issued: vec![Vec::new(); DOMS as usize],
+            fresh: 1,
+        };
+        // The set-up the VA choices rely on.
+        for id in 1..=DOMS {
+            assert_eq!(real.l1(id, NO_L1_VA), None, "no L1 table for NO_L1_VA");
+            for k in 0..VAS {
+                assert_eq!(real.l1(id, real.window_va(k)), Some(0), "window VA {k}");
+            }
+        }
+        (real, m)
+    }
+
+    fn d(&self, id: u32) -> &Arc<DomainShared> {
+        self.doms[(id - 1) as usize].shared()
+    }
+
+    fn window_va(&self, k: u64) -> u64 {
+        self.window_gpa + k * PAGE
+    }
+
+    /// The L1 entry for `va` on the boot tables, if the walk reaches an L1 table.
+    fn l1(&self, id: u32, va: u64) -> Option<u64> {
+        let pool = PoolAccess(&self.d(id).mem);
+        let mut table = self.cr3 & PTE_ADDR_MASK;
+        for shift in [39u32, 30, 21] {
+            let e = pool.read_pte(table + ((va >> shift) & 511) * 8);
+            if e & PTE_P == 0 {
+                return None;
+            }
+            table = e & PTE_ADDR_MASK;
+        }
+        Some(pool.read_pte(table + ((va >> 12) & 511) * 8))
+    }
+
+    /// Runs `grant_table_op(cmd)` from domain `id` on `ops`, as the guest would: the
+    /// array in its RAM, the outputs read back from there.
+    fn call<T: FromBytes + IntoBytes + Immutable>(
+        &self,
+        id: u32,
+        cmd: u64,
+        ops: &mut [T],
+    ) -> Result<(), TestCaseError> {
+        let d = self.d(id);
+        d.mem
+            .write_ram(OPS_GPA, ops.as_bytes())
+            .map_err(|e| fail(format!("write ops: {e}")))?;
+        let mut effects = VcpuEffects::default();
+        let r = grant::grant_table_op(d, 0, self.cr3, cmd, OPS_GPA, ops.len() as u64, &mut effects);
+        prop_assert_eq!(r, Ok(0), "grant_table_op({}) return", cmd);
+        d.mem
+            .read_ram(OPS_GPA, ops.as_mut_bytes())
+            .map_err(|e| fail(format!("read ops: {e}")))?;
+        Ok(())
+    }
+
+    /// Host pointer to window slot `slot_gpa` of domain `id`.
+    fn slot_ptr(&self, id: u32, slot_gpa: u64) -> *mut u8 {
+        let (base, size) = self.d(id).grants.window_host();
+        let off = slot_gpa - self.window_gpa;
+        assert!(off + PAGE <= size);
+        (base + off) as *mut u8
+    }
+
+    fn read_slot(&self, id: u32, slot_gpa: u64) -> Vec<u8> {
+        let p = self.slot_ptr(id, slot_gpa);
+        let mut v = vec![0u8; PAGE as usize];
+        // SAFETY: `p` is one page of domain `id`'s window reservation, which stays
+        // mapped while the Domain (held by self) lives; each page is always mapped
+        // readable (scratch or a granted frame). Nothing else writes it concurrently
+        // (the domains never run).
+        unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), v.len()) };
+        v
+    }
+
+    fn write_slot_u64(&self, id: u32, slot_gpa: u64, off: u64, v: u64) {
+        let p = self.slot_ptr(id, slot_gpa);
+        // SAFETY: as in `read_slot`; the caller only writes slots that hold a writable
+        // mapping (mapped PROT_WRITE); `off` is 8-aligned inside the page.
+        unsafe { std::ptr::write_volatile(p.add(off as usize) as *mut u64, v) };
+    }
+}
+
+fn apply(real: &mut Real, model: &mut Model, op: &Op) -> Result<(), TestCaseError> {
+    let d0 = match op {
+        Op::Grant { d, .. }
+        | Op::Revoke(d, _)
+        | Op::Map { d, .. }
+        | Op::Unmap { d, .. }
+        | Op::Copy(d, _)
+        | Op::Kill(d) => *d,
+    };
+    // Ops that name a published grant or a live mapping are made by a domain that has
+    // one, if any does (else most of them would fail for the same dull reason).
+    let d0 = match op {
+        Op::Map {
+            target: Target::Published(i),
+            ..
+        } => caller_with_grant(model, *i).unwrap_or(d0),
+        Op::Copy(_, specs) => match specs[0].src {
+            Side::Published(i) => caller_with_grant(model, i).unwrap_or(d0),
+            _ => d0,
+        },
+        Op::Unmap {
+            handle: HandlePick::Live(i),
+            ..
+        } => {
+            let owners: Vec<u32> = model
+                .doms
+                .iter()
+                .filter(|(_, x)| x.alive && !x.handles.is_empty())
+                .map(|(id, _)| *id)
+                .collect();
+            if owners.is_empty() {
+                d0
+            } else {
+                owners[i % owners.len()]
+            }
+        }
+        _ => d0,
+    };
+    // A dead domain makes no hypercalls.
+    if !model.alive(d0) {
+        return Ok(());
+    }
+    let d = real.d(d0).clone();
+    match op {
+        &Op::Grant {
+            gref,
+            to,
+            frame,
+            readonly,
+            ..
+        } => {
+            // A well-behaved guest leaves entries in use alone.
+            if model.in_use(d0, gref) {
+                return Ok(());
+            }
+            let gpa = GRANT_TABLE_GPA + u64::from(gref) * 8;
+            let flags = model_publish(model, d0, gref, to, frame, readonly);
+            d.mem.write_obj(gpa + 2, &to).expect("entry");
+            d.mem.write_obj(gpa + 4, &frame).expect("entry");
+            d.mem.write_obj(gpa, &flags).expect("entry");
+        }
+        &Op::Revoke(_, gref) => {
+            let gpa = GRANT_TABLE_GPA + u64::from(gref) * 8;
+            let flags: u16 = d.mem.read_obj(gpa).expect("entry");
+            let ok = flags & (GTF_READING | GTF_WRITING) == 0;
+            if ok {
+                d.mem.write_obj(gpa, &0u16).expect("entry");
+            }
+            prop_assert_eq!(ok, model.revoke(d0, gref), "revoke {} ref {}", d0, gref);
+        }
+        &Op::Map {
+            target,
+            mut flags,
+            match_ro,
+            va,
+            ..
+        } => {
+            let host_addr = match va {
+                Va::Free => (0..VAS)
+                    .map(|k| real.window_va(k))
+                    .find(|v| real.l1(d0, *v) == Some(0))
+                    .unwrap_or(real.window_va(0)),
+                Va::Window(k) => real.window_va(k),
+                Va::Unaligned => real.window_va(1) + 8,
+                Va::NoL1 => NO_L1_VA,
+                Va::HvRange => hv_abi::layout::HV_RESERVED_VA_START + PAGE,
+                Va::NonCanonical => 0x0000_8000_0000_0000,
+            };
+            let (granter, gref) = match target {
+                Target::Published(i) => published_for(model, d0, i, false),
+                Target::Raw(g, r) => (g, r),
+            };
+            if match_ro {
+                let g = if granter == DOMID_SELF {
+                    d0
+                } else {
+                    u32::from(granter)
+                };
+                let ro = model.alive(g) && model.entry(g, gref).flags & GTF_READONLY != 0;
+                flags = if ro {
+                    flags | GNTMAP_READONLY
+                } else {
+                    flags & !GNTMAP_READONLY
+                };
+            }
+            let mut ops = [GnttabMapGrantRef {
+                host_addr,
+                flags,
+                ref_: gref,
+                dom: granter,
+                ..Default::default()
+            }];
+            real.call(d0, GNTTABOP_MAP_GRANT_REF, &mut ops)?;
+            let got = ops[0];
+            let want = model.map(d0, &ops[0]);
+            prop_assert_eq!(
+                i64::from(got.status),
+                want.err().unwrap_or(0),
+                "map status: {:?}",
+                got
+            );
+            if let Ok(plan) = want {
+                model
+                    .commit_map(d0, plan, got.handle, got.dev_bus_addr)
+                    .map_err(fail)?;
+                real.issued[(d0 - 1) as usize].push((got.handle, host_addr));
+            }
+        }
+        &Op::Unmap {
+            handle,
+            va,
+            reserved,
+            ..
+        } => {
+            let issued = &real.issued[(d0 - 1) as usize];
+            let (h, own_va) = match handle {
+                HandlePick::Issued(i) if !issued.is_empty() => issued[i % issued.len()],
+                HandlePick::Issued(_) => (0, real.window_va(0)),
+                HandlePick::Live(i) => {
+                    let live: Vec<u32> = model.doms[&d0].handles.keys().copied().collect();
+                    let h = if live.is_empty() {
+                        0
+                    } else {
+                        live[i % live.len()]
+                    };
+                    let va = issued
+                        .iter()
+                        .rev()
+                        .find(|(x, _)| *x == h)
+                        .map_or(real.window_va(0), |(_, v)| *v);
+                    (h, va)
+                }
+                HandlePick::Raw(h) => (
+                    h,
+                    issued
+                        .iter()
+                        .rev()
+                        .find(|(x, _)| *x == h)
+                        .map_or(real.window_va(0), |(_, v)| *v),
+                ),
+            };
+            let host_addr = match va {
+                UnmapVa::Own => own_va,
+                UnmapVa::Window(k) => real.window_va(k),
+                UnmapVa::NoL1 => NO_L1_VA,
+            };
+            let mut ops = [GnttabUnmapGrantRef {
+                host_addr,
+                handle: h,
+                reserved: u16::from(reserved),
+                ..Default::default()
+            }];
+            real.call(d0, GNTTABOP_UNMAP_GRANT_REF, &mut ops)?;
+            let want = model.unmap(d0, &ops[0]);
+            prop_assert_eq!(i64::from(ops[0].status), want, "unmap status: {:?}", ops[0]);
+        }
+        Op::Copy(_, specs) => {
+            let mut ops: Vec<GnttabCopy> = specs.iter().map(|s| copy_op(model, d0, s)).collect();
+            real.call(d0, GNTTABOP_COPY, &mut ops)?;
+            for (i, o) in ops.iter().enumerate() {
+                let want = model.copy(d0, o);
+                prop_assert_eq!(i64::from(o.status), want, "copy op {}: {:?}", i, o);
+            }
+        }
+        Op::Kill(_) => {
+            d.destroy();
+            model.kill(d0);
+        }
+    }
+    check(real, model)
+}
+
+fn model_publish(model: &mut Model, d: u32, gref: u32, to: u16, frame: u32, readonly: bool) -> u16 {
+    model.publish(d, gref, to, frame, readonly);
+    model.entry(d, gref).flags
+}
+
+/// A live domain that some live domain's published entry names (the `i`-th modulo such
+/// domains), if any.
+fn caller_with_grant(model: &Model, i: usize) -> Option<u32> {
+    let mut users: Vec<u32> = Vec::new();
+    for dom in model.doms.values().filter(|x| x.alive) {
+        for e in dom.entries.values() {
+            let u = u32::from(e.domid);
+            if e.flags & GTF_PERMIT_ACCESS != 0 && model.alive(u) && !users.contains(&u) {
+                users.push(u);
+            }
+        }
+    }
+    users.sort_unstable();
+    (!users.is_empty()).then(|| users[(i / 7) % users.len()])
+}
+
+/// The `i`-th (modulo) grant currently published for `d` as (granter as `d` names it,
+/// reference), mostly a writable one if `write` and there is one; ref 0 of domain 1 if
+/// there is none.
+fn published_for(model: &Model, d: u32, i: usize, write: bool) -> (u16, u32) {
+    let mut all = Vec::new();
+    for (&g, dom) in &model.doms {
+        if !dom.alive {
+            continue;
+        }
+        for (&r, e) in &dom.entries {
+            if e.flags & GTF_PERMIT_ACCESS != 0 && u32::from(e.domid) == d {
+                all.push((g, r, e.flags & GTF_READONLY == 0));
+            }
+        }
+    }
+    if write && i % 4 != 0 && all.iter().any(|x| x.2) {
+        all.retain(|x| x.2);
+    }
+    if all.is_empty() {
+        return (1, 0);
+    }
+    let (g, r, _) = all[i % all.len()];
+    // Name oneself either way.
+    let g = if g == d && (i / all.len()) % 2 == 1 {
+        DOMID_SELF
+    } else {
+        g as u16
+    };
+    (g, r)
+}
+
+fn copy_op(model: &Model, d: u32, s: &CopySpec) -> GnttabCopy {
+    let mut flags = 0;
+    let mut ptr = |side: Side, off: u16, gref_flag: u16, write: bool| match side {
+        Side::Published(i) => {
+            flags |= gref_flag;
+            let (g, r) = published_for(model, d, i, write);
+            GnttabCopyPtr {
+                ref_or_gfn: u64::from(r),
+                domid: g,
+                offset: off,
+                reserved: 0,
+            }
+        }
+        Side::Gref(dom, r) => {
+            flags |= gref_flag;
+            GnttabCopyPtr {
+                ref_or_gfn: r,
+                domid: dom,
+                offset: off,
+                reserved: 0,
+            }
+        }
+        Side::Local(l, gfn) => GnttabCopyPtr {
+            ref_or_gfn: gfn,
+            domid: match l {
+                LocalDom::SelfId => DOMID_SELF,
+                LocalDom::Own => d as u16,
+                LocalDom::Other(x) => x,
+            },
+            offset: off,
+            reserved: 0,
+        },
+    };
+    let source = ptr(s.src, s.src_off, GNTCOPY_SOURCE_GREF, false);
+    let dest = ptr(s.dst, s.dst_off, GNTCOPY_DEST_GREF, true);
+    let mut op = GnttabCopy {
+        source,
+        dest,
+        len: s.len,
+        flags,
+        status: 0,
+        reserved: 0,
+    };
+    match s.bad {
+        Bad::None => {}
+        Bad::Flags => op.flags |= 0x4,
+        Bad::Reserved => op.reserved = 1,
+        Bad::SideReserved => op.source.reserved = 1,
+    }
+    op
+}
+
+fn check(real: &mut Real, model: &mut Model) -> Result<(), TestCaseError> {
+    let ids: Vec<u32> = (1..=DOMS).filter(|id| model.alive(*id)).collect();
+    for &id in &ids {
+        let d = real.d(id).clone();
+        // Grant entries.
+        for gref in 0..=8u32 {
+            let e: GrantEntryV1 = d
+                .mem
+                .read_obj(GRANT_TABLE_GPA + u64::from(gref) * 8)
+                .expect("entry");
+            prop_assert_eq!(e, model.entry(id, gref), "dom {} ref {} entry", id, gref);
+        }
+        // L1 entries of the window VAs.
+        for k in 0..VAS {
+            let va = real.window_va(k);
+            let want = model.doms[&id].l1.get(&va).copied().unwrap_or(0);
+            prop_assert_eq!(real.l1(id, va), Some(want), "dom {} L1 of VA {:#x}", id, va);
+        }
+        // Followed RAM frames.
+        for f in DATA {
+            let mut got = vec![0u8; PAGE as usize];
+            d.mem.read_ram(f * PAGE, &mut got).expect("data frame");
+            let want = model.read(id, f * PAGE, PAGE as usize);
+            same_page(&got, &want, || format!("dom {id} frame {f:#x}"))?;
+        }
+    }
+    for &id in &ids {
+        let dom = model.doms[&id].clone();
+        // Window slots: live mappings share the granter's frame; revoked and freed slots
+        // read as zero.
+        for (h, m) in &dom.handles {
+            if m.revoked {
+                prop_assert!(
+                    real.read_slot(id, m.slot).iter().all(|b| *b == 0),
+                    "dom {} handle {} (revoked) slot {:#x} is not zero",
+                    id,
+                    h,
+                    m.slot
+                );
+                continue;
+            }
+            let frame = model.frame_of(m);
+            let off = (real.fresh * 8) % PAGE;
+            let v = 0x5a5a_0000_0000_0000 | real.fresh;
+            real.fresh += 1;
+            let gpa = frame * PAGE + off;
+            real.d(m.granter)
+                .mem
+                .write_obj(gpa, &v)
+                .expect("granted frame");
+            model.write(m.granter, gpa, &v.to_le_bytes());
+            let seen = real.read_slot(id, m.slot);
+            same_page(
+                &seen,
+                &model.read(m.granter, frame * PAGE, PAGE as usize),
+                || {
+                    format!(
+                        "dom {id} handle {h} slot {:#x}: the mapper's view of dom {} frame \
+                         {frame:#x}",
+                        m.slot, m.granter
+                    )
+                },
+            )?;
+            if m.write {
+                let off = (real.fresh * 8) % PAGE;
+                let v = 0xa5a5_0000_0000_0000 | real.fresh;
+                real.fresh += 1;
+                real.write_slot_u64(id, m.slot, off, v);
+                model.write(m.granter, frame * PAGE + off, &v.to_le_bytes());
+                let back: u64 = real
+                    .d(m.granter)
+                    .mem
+                    .read_obj(frame * PAGE + off)
+                    .expect("granted frame");
+                prop_assert_eq!(
+                    back,
+                    v,
+                    "dom {} handle {}: a write through the mapping does not reach dom {} frame {:#x}",
+                    id,
+                    h,
+                    m.granter,
+                    frame
+                );
+            }
+        }
+        for &slot in &dom.slots_seen {
+            if dom.handles.values().any(|m| m.slot == slot) {
+                continue;
+            }
+            prop_assert!(
+                real.read_slot(id, slot).iter().all(|b| *b == 0),
+                "dom {} free slot {:#x} is not zero",
+                id,
+                slot
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn grant_tables_match_the_model(ops in prop::collection::vec(op(), 1..60)) {
+        if !tests::kvm_available() {
+            return Ok(());
+        }
+        let (mut real, mut model) = Real::new();
+        for op in &ops {
+            apply(&mut real, &mut model, op)?;
+        }
+    }
+}
