@@ -30,7 +30,11 @@
 //! * [`console`]: a buffered [`core::fmt::Write`] console and [`print!`] / [`println!`];
 //! * [`mod@panic`]: panic reporting ([`panic_handler!`]);
 //! * [`cpuid`]: detecting hv without a hypercall;
-//! * [`arch`]: the few x86-64 privileged operations small kernels need.
+//! * [`arch`]: the few x86-64 privileged operations small kernels need;
+//! * [`evtchn`], [`upcall`], [`sched`]: event channels, the upcall interrupt and its
+//!   dispatcher, sleeping until events arrive;
+//! * [`time`]: system time, wall clock, the one-shot and periodic timer;
+//! * [`grant`]: grant tables (sharing frames with other domains).
 //!
 //! # Addresses
 //!
@@ -48,11 +52,16 @@ pub mod cmdline;
 pub mod console;
 pub mod cpuid;
 pub mod error;
+pub mod evtchn;
+pub mod grant;
 pub mod hypercall;
 mod macros;
 pub mod mmu;
 pub mod ops;
 pub mod panic;
+pub mod sched;
+pub mod time;
+pub mod upcall;
 pub mod user;
 
 #[doc(hidden)]

@@ -123,6 +123,33 @@ impl Idt {
     pub const fn new() -> Self {
         Idt(UnsafeCell::new([IdtEntry::MISSING; 256]))
     }
+
+    /// Sets gate `vector` to `entry`.
+    ///
+    /// # Safety
+    /// No other code may access the table at the same time (the CPU only reads it, one
+    /// 16-byte gate at a time, when it delivers that vector: do not change the gate of
+    /// a vector that can be delivered meanwhile), and `entry` must be a valid gate for
+    /// as long as the table is loaded.
+    pub unsafe fn set(&self, vector: u8, entry: IdtEntry) {
+        // SAFETY: the caller guarantees exclusive access to the table.
+        unsafe { (*self.0.get())[vector as usize] = entry };
+    }
+
+    /// Loads this table into the IDT register (`lidt`, all 256 gates).
+    ///
+    /// # Safety
+    /// Every gate that can be delivered from now on must be valid (missing gates fault
+    /// on delivery), and the address space must keep the table mapped at the physical
+    /// address [`crate::virt_to_phys`] gives for it.
+    pub unsafe fn load(&'static self) {
+        let idtr = DescriptorTablePointer {
+            limit: (core::mem::size_of::<[IdtEntry; 256]>() - 1) as u16,
+            base: crate::virt_to_phys(self.0.get()),
+        };
+        // SAFETY: the table is static; the caller vouches for its gates.
+        unsafe { arch::load_idt(&idtr) };
+    }
 }
 
 impl Default for Idt {
