@@ -4,10 +4,16 @@
 //! Command line (space-separated words):
 //! * `exit=N`: power off with exit code `N` (0 to 99; anything else is reported and
 //!   exits with code 1);
-//! * `panic`: panic, to show the crash path.
+//! * `panic`: panic, to show the crash path;
+//! * `role=ping peer=NAME` / `role=pong peer=NAME` (`rounds=N`): two connected
+//!   domains show event channels, upcalls, grant tables and the timer
+//!   ([`pingpong`]); these roles check the `evtchn`, `timer` and `gnttab` features
+//!   at run time (the ELF note requires only what every role needs);
+//! * `role=idle`: sleep forever (for the density benchmark).
 #![no_std]
 #![no_main]
 
+mod pingpong;
 mod pv_mmu;
 
 use guest_sdk::hv_abi::start_info::StartInfo;
@@ -50,8 +56,11 @@ fn printable(bytes: &[u8]) -> &str {
 
 fn main(si: &'static StartInfo) -> ! {
     let cmd = si.cmdline_bytes();
-    if cmdline::value(cmd, b"role") == Some(b"idle") {
-        idle();
+    match cmdline::value(cmd, b"role") {
+        Some(b"idle") => idle(),
+        Some(b"ping") => pingpong::run(si, pingpong::Role::Ping),
+        Some(b"pong") => pingpong::run(si, pingpong::Role::Pong),
+        _ => {}
     }
     println!("hv demo kernel: hello from a paravirtual guest");
     println!(
