@@ -6,14 +6,18 @@
 //! (`evtchn.<peer>=<port> domid.<peer>=<id>`, appended by hv), installs the upcall
 //! handler and then, in order:
 //!
+//! 0. **local**: each side alone: an IPI port (upcall, mask, unmask, status, close),
+//!    a loopback interdomain pair, the wall clock, the grant table's size.
 //! 1. **ping-pong**: ping sends and sleeps until its handler saw the reply, `rounds=N`
 //!    times (default 100; **give both sides the same N**); pong replies from its
 //!    handler. Ping prints the average round trip, measured with system time.
 //! 2. **grant map**: ping grants page [`MAP_REF`] (8) to pong, writable, with a
 //!    pattern in its first half, and notifies; pong maps it (`GNTMAP_HOST_MAP` at the
 //!    first page of its grant window, on the boot page tables), checks the pattern,
-//!    writes a reply into the second half, unmaps and notifies; ping checks the reply
-//!    and revokes the grant (which must succeed now that it is unmapped).
+//!    writes a reply into the second half and notifies; ping checks that the grant is
+//!    in use (`GTF_READING|GTF_WRITING`) and that revoking it fails with `Busy`, and
+//!    notifies; pong unmaps and notifies; ping checks the reply and revokes the grant
+//!    (which must succeed now that it is unmapped).
 //! 3. **grant copy**: ping grants page [`COPY_REF`] (9) read-only and notifies; pong
 //!    copies it into its own memory with `GNTTABOP_COPY`, checks the bytes and
 //!    notifies; ping revokes.
@@ -30,8 +34,8 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use guest_sdk::evtchn::{self, Port};
-use guest_sdk::grant::{self, GrantTable, GNTCOPY_SOURCE_GREF, GNTMAP_HOST_MAP};
-use guest_sdk::hv_abi::grant::GnttabCopy;
+use guest_sdk::grant::{self, GrantError, GrantTable, GNTCOPY_SOURCE_GREF, GNTMAP_HOST_MAP};
+use guest_sdk::hv_abi::grant::{GnttabCopy, GTF_READING, GTF_WRITING};
 use guest_sdk::hv_abi::start_info::StartInfo;
 use guest_sdk::hv_abi::PAGE_SIZE;
 use guest_sdk::time::{self, PeriodicTimer};
@@ -244,6 +248,7 @@ pub fn run(si: &'static StartInfo, role: Role) -> ! {
         table,
         window: si.grant_window_gpa,
     };
+    local_checks(&ctx);
     match role {
         Role::Ping => {
             ping_pong(&ctx);
@@ -277,18 +282,21 @@ pub fn run(si: &'static StartInfo, role: Role) -> ! {
 /// fires every second: if the peer's end is gone (it died: hv closed its ports and
 /// ours became unbound) or [`WATCHDOG_NS`] passed, the demo fails.
 fn wait_rx(ctx: &Ctx, n: u64, what: &str) {
+    wait_until(ctx, what, true, || RX.load(Ordering::Acquire) >= n);
+}
+
+/// Sleeps in `SCHEDOP_BLOCK` until `cond` holds (event handlers make it true), under
+/// the watchdog; with `peer`, also fails as soon as the peer's end is gone.
+fn wait_until(ctx: &Ctx, what: &str, peer: bool, mut cond: impl FnMut() -> bool) {
     let start = time::system_time_ns();
     loop {
-        sched::block_until(|| {
-            RX.load(Ordering::Acquire) >= n || WATCHDOG_FIRED.load(Ordering::Acquire)
-        });
-        let got = RX.load(Ordering::Acquire);
-        if got >= n {
+        sched::block_until(|| cond() || WATCHDOG_FIRED.load(Ordering::Acquire));
+        if cond() {
             return;
         }
         WATCHDOG_FIRED.store(false, Ordering::Release);
         let peer_state = evtchn::status(ctx.port).map(|s| s.status);
-        if peer_state != Ok(evtchn::EVTCHNSTAT_INTERDOMAIN) {
+        if peer && peer_state != Ok(evtchn::EVTCHNSTAT_INTERDOMAIN) {
             fail(
                 ctx.role,
                 format_args!(
@@ -297,15 +305,118 @@ fn wait_rx(ctx: &Ctx, n: u64, what: &str) {
                 ),
             );
         }
-        let now = time::system_time_ns();
-        if now - start >= WATCHDOG_NS {
-            fail(
-                ctx.role,
-                format_args!("timed out waiting for {what} (event {n}, got {got})"),
-            );
+        if time::system_time_ns() - start >= WATCHDOG_NS {
+            fail(ctx.role, format_args!("timed out waiting for {what}"));
         }
         arm_watchdog(ctx.role);
     }
+}
+
+/// Events the local ports of part 0 received.
+static LOCAL: AtomicU64 = AtomicU64::new(0);
+
+fn on_local(_port: Port) {
+    LOCAL.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Part 0, both roles: the SDK's event-channel calls on this domain alone (an IPI
+/// port, masking, a loopback interdomain pair, status and close), the wall clock and
+/// the grant table's size.
+fn local_checks(ctx: &Ctx) {
+    let role = ctx.role;
+    let check = |ok: bool, what: &str| {
+        if !ok {
+            fail(role, format_args!("local checks: {what}"));
+        }
+    };
+    let must = |r: Result<(), guest_sdk::Error>, what: &str| {
+        if let Err(e) = r {
+            fail(role, format_args!("local checks: {what}: {e}"));
+        }
+    };
+    let ipi = match evtchn::bind_ipi(0) {
+        Ok(p) => p,
+        Err(e) => fail(role, format_args!("local checks: bind_ipi: {e}")),
+    };
+    must(evtchn::set_handler(ipi, on_local), "set_handler(ipi)");
+    must(evtchn::send(ipi), "send(ipi)");
+    wait_until(ctx, "the IPI", false, || LOCAL.load(Ordering::Acquire) >= 1);
+    // Masked: the event stays pending, no handler runs; unmask delivers it.
+    must(evtchn::mask(ipi), "mask(ipi)");
+    must(evtchn::send(ipi), "send(masked ipi)");
+    check(evtchn::is_pending(ipi), "a masked IPI is not pending");
+    check(
+        LOCAL.load(Ordering::Acquire) == 1,
+        "a masked IPI ran its handler",
+    );
+    must(evtchn::unmask(ipi), "unmask(ipi)");
+    wait_until(ctx, "the unmasked IPI", false, || {
+        LOCAL.load(Ordering::Acquire) >= 2
+    });
+    let st = evtchn::status(ipi).map(|s| s.status);
+    check(st == Ok(evtchn::EVTCHNSTAT_IPI), "status(ipi) is not IPI");
+    must(evtchn::close(ipi), "close(ipi)");
+    let st = evtchn::status(ipi).map(|s| s.status);
+    check(
+        st == Ok(evtchn::EVTCHNSTAT_CLOSED),
+        "a closed port is not closed",
+    );
+    evtchn::clear_handler(ipi);
+
+    // A loopback pair: the bound end starts pending, so bind it and register its
+    // handler with interrupts off (the upcall then finds a handler).
+    let a = match evtchn::alloc_unbound(evtchn::DOMID_SELF) {
+        Ok(p) => p,
+        Err(e) => fail(role, format_args!("local checks: alloc_unbound: {e}")),
+    };
+    must(evtchn::set_handler(a, on_local), "set_handler(a)");
+    let b = upcall::without_interrupts(|| {
+        let b = evtchn::bind_interdomain(evtchn::DOMID_SELF, a)?;
+        evtchn::set_handler(b, on_local)?;
+        Ok::<_, guest_sdk::Error>(b)
+    });
+    let b = match b {
+        Ok(b) => b,
+        Err(e) => fail(role, format_args!("local checks: bind_interdomain: {e}")),
+    };
+    wait_until(ctx, "the bound port's first event", false, || {
+        LOCAL.load(Ordering::Acquire) >= 3
+    });
+    must(evtchn::send(a), "send(a)");
+    must(evtchn::send(b), "send(b)");
+    wait_until(ctx, "the loopback events", false, || {
+        LOCAL.load(Ordering::Acquire) >= 5
+    });
+    must(evtchn::bind_vcpu(a, 0), "bind_vcpu(a, 0)");
+    let st = evtchn::status(a);
+    check(
+        st.is_ok_and(|s| s.status == evtchn::EVTCHNSTAT_INTERDOMAIN && s.remote_port == b),
+        "status(a) is not interdomain to b",
+    );
+    must(evtchn::close(a), "close(a)");
+    let st = evtchn::status(b).map(|s| s.status);
+    check(
+        st == Ok(evtchn::EVTCHNSTAT_UNBOUND),
+        "closing one end did not unbind the other",
+    );
+    must(evtchn::close(b), "close(b)");
+    evtchn::clear_handler(a);
+    evtchn::clear_handler(b);
+
+    let wc = time::wallclock();
+    check(wc.sec > 1_500_000_000, "the wall clock is before 2017");
+    let size = grant::query_size();
+    check(
+        matches!(size, Ok((n, max)) if n >= 1 && n <= max),
+        "GNTTABOP_QUERY_SIZE",
+    );
+    println!(
+        "demo {}: local event channels ok: IPI upcall, mask/unmask, loopback pair, status, close; wall clock {}.{:09} s; grant table {} frames",
+        role.name(),
+        wc.sec,
+        wc.nsec,
+        size.map(|s| s.0).unwrap_or(0)
+    );
 }
 
 /// Arms the one-shot timer [`WATCHDOG_PERIOD_NS`] from now.
@@ -365,7 +476,24 @@ fn grant_map_ping(ctx: &Ctx) {
         fail(ctx.role, format_args!("granting ref {MAP_REF}: {e}"));
     }
     send(ctx);
-    wait_rx(ctx, ctx.rounds + 1, "pong's grant-map reply");
+    // Pong has it mapped: the grant is in use and cannot be revoked.
+    wait_rx(ctx, ctx.rounds + 1, "pong's mapping");
+    let in_use = ctx.table.flags(MAP_REF).unwrap_or(0);
+    if in_use & (GTF_READING | GTF_WRITING) != GTF_READING | GTF_WRITING {
+        fail(
+            ctx.role,
+            format_args!("grant map: ref {MAP_REF} mapped writable by pong has flags {in_use:#x}"),
+        );
+    }
+    match ctx.table.revoke(MAP_REF) {
+        Err(GrantError::Busy) => {}
+        other => fail(
+            ctx.role,
+            format_args!("grant map: revoking ref {MAP_REF} while mapped gave {other:?}, not Busy"),
+        ),
+    }
+    send(ctx);
+    wait_rx(ctx, ctx.rounds + 2, "pong's unmapping");
     for i in WORDS / 2..WORDS {
         // SAFETY: as above; pong is done with the page (it notified after unmapping).
         let v = unsafe { core::ptr::read_volatile(word_ptr(base, i)) };
@@ -387,7 +515,7 @@ fn grant_map_ping(ctx: &Ctx) {
         fail(ctx.role, format_args!("revoking ref {MAP_REF}: {e}"));
     }
     println!(
-        "demo ping: grant map ok: pong read ref {MAP_REF} and wrote its reply ({} words checked); revoked",
+        "demo ping: grant map ok: pong read ref {MAP_REF} and wrote its reply ({} words checked); revoke refused while mapped, done after the unmap",
         WORDS / 2
     );
 }
@@ -421,6 +549,9 @@ fn grant_map_pong(ctx: &Ctx) {
         // SAFETY: as above; the mapping is writable.
         unsafe { core::ptr::write_volatile(word_ptr(at, i), PONG_WORD | i as u64) };
     }
+    // Ping checks that it cannot revoke the grant while it is mapped.
+    send(ctx);
+    wait_rx(ctx, ctx.rounds + 2, "ping's revoke attempt");
     // SAFETY: nothing refers to the mapping any more.
     if let Err(e) = unsafe { grant::unmap(m.handle, at) } {
         fail(ctx.role, format_args!("unmapping handle {}: {e}", m.handle));
@@ -453,7 +584,7 @@ fn grant_copy_ping(ctx: &Ctx) {
         fail(ctx.role, format_args!("granting ref {COPY_REF}: {e}"));
     }
     send(ctx);
-    wait_rx(ctx, ctx.rounds + 2, "pong's grant-copy reply");
+    wait_rx(ctx, ctx.rounds + 3, "pong's grant-copy reply");
     if let Err(e) = ctx.table.revoke(COPY_REF) {
         fail(ctx.role, format_args!("revoking ref {COPY_REF}: {e}"));
     }
@@ -462,7 +593,7 @@ fn grant_copy_ping(ctx: &Ctx) {
 
 /// Part 3, pong: copy ping's page into COPY_PAGE, check it, notify.
 fn grant_copy_pong(ctx: &Ctx) {
-    wait_rx(ctx, ctx.rounds + 2, "ping's read-only grant");
+    wait_rx(ctx, ctx.rounds + 3, "ping's read-only grant");
     let base = COPY_PAGE.addr();
     let mut op = [GnttabCopy {
         source: grant::gref_ptr(ctx.peer_dom, COPY_REF, 0),

@@ -1,6 +1,8 @@
 //! The demo kernel's `role=ping` / `role=pong` on real KVM: two connected domains
-//! exercising the guest SDK's event channels, upcall handler, grant tables (map,
-//! unmap, copy, revoke) and periodic timer (guest-kernel-demo/src/pingpong.rs).
+//! exercising the guest SDK's event channels (IPI, loopback and interdomain ports,
+//! masking, status, close), upcall handler, block and poll, grant tables (map, unmap,
+//! copy, revoke refused while mapped) and periodic timer
+//! (guest-kernel-demo/src/pingpong.rs).
 
 use hv_core::hypervisor::Hypervisor;
 use hv_core::loader::KernelImage;
@@ -101,6 +103,15 @@ fn ping_and_pong_pass_every_part() {
     line_with(ping, "demo ping: domain 1, peer pong (domain 2) on port");
     line_with(pong, "demo pong: domain 2, peer ping (domain 1) on port");
 
+    // Part 0: each side's local event channels, wall clock and grant table size.
+    for run in [ping, pong] {
+        let l = line_with(
+            run,
+            "local event channels ok: IPI upcall, mask/unmask, loopback pair",
+        );
+        assert!(l.ends_with("grant table 4 frames"), "{l}");
+    }
+
     // Part 1: every round answered; a plausible average round trip.
     let l = line_with(ping, "demo ping: ping-pong ok:");
     assert!(l.contains(&format!("{rounds} rounds")), "{l}");
@@ -119,11 +130,13 @@ fn ping_and_pong_pass_every_part() {
         &format!("demo pong: ping-pong ok: answered {rounds} pings"),
     );
 
-    // Part 2: pong mapped ref 8 in its grant window, ping saw the reply and revoked.
+    // Part 2: pong mapped ref 8 in its grant window; ping saw the grant in use and
+    // could not revoke it until pong unmapped it, and saw pong's reply.
     line_with(pong, "demo pong: grant map ok: mapped ref 8 of domain 1");
     line_with(
         ping,
-        "demo ping: grant map ok: pong read ref 8 and wrote its reply",
+        "demo ping: grant map ok: pong read ref 8 and wrote its reply (256 words checked); \
+         revoke refused while mapped, done after the unmap",
     );
     // Part 3: copy through a read-only grant.
     line_with(
