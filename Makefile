@@ -1,5 +1,6 @@
 # The two commands of the README do all set-up on a fresh machine:
-#   make demo   - run the embedded demo kernel
+#   make demo   - run the embedded demo kernel, then two of it connected (ping-pong,
+#                 grants, timer: examples/pingpong.toml)
 #   make test   - run the whole test suite on real KVM
 .PHONY: setup demo test bench lint
 
@@ -10,6 +11,7 @@ setup:
 
 demo: setup
 	cargo run --release -p hv-core --bin hv -- run
+	cargo run --release -p hv-core --bin hv -- run --config examples/pingpong.toml
 
 test: setup
 	cargo test --release
