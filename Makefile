@@ -14,7 +14,7 @@ demo: setup
 	cargo run --release -p hv-core --bin hv -- run --config examples/pingpong.toml
 
 test: setup
-	cargo test --release
+	cargo test --release --no-fail-fast
 
 bench: setup
 	cargo run --release -p hv-core --bin hv -- bench
