@@ -155,9 +155,8 @@ fn shared() -> *mut SharedInfo {
 /// Word `w` of `evtchn_pending` (`w` < 64).
 fn pending_word(w: usize) -> &'static AtomicU64 {
     debug_assert!(w < NR_EVENT_CHANNELS / 64);
-    // SAFETY: shared_info is identity-mapped RAM for the domain's whole life; the word
-    // is 8-aligned, in bounds (callers pass `port / 64` of a checked port or a bit of a
-    // 64-bit selector), and changed by the hypervisor concurrently, so it is only ever
+    // SAFETY: shared_info is identity-mapped RAM for the domain's life; the word is 8-aligned
+    // and in bounds (`w` < 64); the hypervisor changes it concurrently, so it is only
     // accessed atomically.
     unsafe { &*(core::ptr::addr_of_mut!((*shared()).evtchn_pending[w]) as *const AtomicU64) }
 }

@@ -92,11 +92,9 @@ impl GrantTable {
             return Err(GrantError::BadRef(gref));
         }
         let at = self.base + u64::from(gref) * 8;
-        // SAFETY: the table is RAM of this domain for its whole life, identity-mapped
-        // (start_info gave its address); `gref` is in bounds and entries are 8-aligned
-        // (base checked 8-aligned), so the fields are naturally aligned. The hypervisor
-        // changes them concurrently with atomic operations, so they are only accessed
-        // through atomics here.
+        // SAFETY: the table is this domain's identity-mapped RAM (from start_info); `gref` is in
+        // bounds and entries are 8-aligned; the hypervisor changes them concurrently with
+        // atomics, so they are only accessed through atomics here.
         unsafe {
             Ok((
                 &*(at as *const AtomicU16),

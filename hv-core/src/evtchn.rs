@@ -176,10 +176,9 @@ impl EventChannels {
     }
 
     fn si(&self) -> &SharedInfoAtomic {
-        // SAFETY: `shared_info` is the host address of the 4 KiB, page-aligned
-        // shared_info page in the domain's RAM mapping, which outlives `self` (both
-        // belong to the DomainShared). The guest writes it concurrently, so it is only
-        // accessed through atomics (and plain bytes never read by the host).
+        // SAFETY: `shared_info` is the page-aligned host address of the shared_info page in the
+        // domain's RAM mapping, which outlives `self`; the guest writes it concurrently, so it
+        // is only accessed through atomics.
         unsafe { &*(self.shared_info as *const SharedInfoAtomic) }
     }
 

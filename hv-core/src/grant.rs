@@ -370,10 +370,9 @@ fn entry(dom: &DomainShared, gref: u32) -> Result<(&AtomicU32, &AtomicU32), Errn
     // The table lies in the low RAM of every domain (checked once more here).
     dom.mem.check_ram(gpa, 8).map_err(|_| Errno::EIO)?;
     let host = dom.mem.host_address(gpa).map_err(|_| Errno::EIO)? as *mut u32;
-    // SAFETY: `host` points at 8 bytes of the domain's RAM mapping, 8-aligned (the
-    // mapping is page-aligned and `gpa` is a multiple of 8), which stays mapped as long
-    // as `dom` lives. The guest changes these bytes concurrently, which is why the host
-    // only ever accesses them atomically.
+    // SAFETY: `host` is 8-aligned and points at 8 bytes of the domain's RAM mapping, mapped
+    // as long as `dom` lives; the guest changes them concurrently, so the host only
+    // accesses them atomically.
     unsafe { Ok((AtomicU32::from_ptr(host), AtomicU32::from_ptr(host.add(1)))) }
 }
 

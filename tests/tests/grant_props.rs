@@ -442,10 +442,9 @@ impl Real {
     fn read_slot(&self, id: u32, slot_gpa: u64) -> Vec<u8> {
         let p = self.slot_ptr(id, slot_gpa);
         let mut v = vec![0u8; PAGE as usize];
-        // SAFETY: `p` is one page of domain `id`'s window reservation, which stays
-        // mapped while the Domain (held by self) lives; each page is always mapped
-        // readable (scratch or a granted frame). Nothing else writes it concurrently
-        // (the domains never run).
+        // SAFETY: `p` is one page of domain `id`'s window reservation, which stays mapped while the
+        // Domain (held by self) lives; each page is always mapped readable (scratch or a
+        // granted frame). Nothing else writes it concurrently (the domains never run).
         unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), v.len()) };
         v
     }
