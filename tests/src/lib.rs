@@ -139,7 +139,12 @@ impl DomSpec {
 /// indices in `connect` (see `Hypervisor::connect` for what each guest is told). Returns
 /// each domain's run, in order. Panics if a domain cannot be created or run.
 pub fn run_domains(specs: &[DomSpec], connect: &[(usize, usize)]) -> Vec<GuestRun> {
-    let image = hv_core::loader::KernelImage::from_elf(TEST_GUEST).expect("test guest loads");
+    run_domains_of(TEST_GUEST, specs, connect)
+}
+
+/// [`run_domains`] with another kernel ELF (for example [`demo_kernel`]).
+pub fn run_domains_of(elf: &[u8], specs: &[DomSpec], connect: &[(usize, usize)]) -> Vec<GuestRun> {
+    let image = hv_core::loader::KernelImage::from_elf(elf).expect("kernel loads");
     let mut hv = hv_core::hypervisor::Hypervisor::new(kvm());
     let mut bufs = Vec::new();
     let mut ids = Vec::new();

@@ -4,46 +4,14 @@
 //! copy, revoke refused while mapped) and periodic timer
 //! (guest-kernel-demo/src/pingpong.rs).
 
-use hv_core::hypervisor::Hypervisor;
-use hv_core::loader::KernelImage;
-use hv_core::{ConsoleSink, DomainConfig, Outcome};
-use tests::{demo_kernel, kvm, kvm_available, GuestRun};
+use hv_core::Outcome;
+use tests::{demo_kernel, kvm_available, run_domains_of, DomSpec, GuestRun};
 
 /// Runs demo domains with these (name, command line) pairs, connecting the pairs of
 /// indices in `connect`; domain ids 1, 2, ... in order.
-fn run_demo(doms: &[(&str, &str)], connect: &[(usize, usize)]) -> Vec<GuestRun> {
-    let image = KernelImage::from_elf(demo_kernel()).expect("demo kernel loads");
-    let mut hv = Hypervisor::new(kvm());
-    let mut bufs = Vec::new();
-    let mut ids = Vec::new();
-    for (i, (name, cmdline)) in doms.iter().enumerate() {
-        let (sink, buf) = ConsoleSink::capture();
-        let config = DomainConfig {
-            name: name.to_string(),
-            domid: i as u32 + 1,
-            cmdline: cmdline.to_string(),
-            console: sink,
-            ..DomainConfig::default()
-        };
-        ids.push(
-            hv.create_domain(config, &image)
-                .unwrap_or_else(|e| panic!("create {name}: {e}")),
-        );
-        bufs.push(buf);
-    }
-    for (a, b) in connect {
-        hv.connect(ids[*a], ids[*b]).expect("connect domains");
-    }
-    hv.run()
-        .into_iter()
-        .zip(bufs)
-        .map(|(r, buf)| {
-            let report = r.report.unwrap_or_else(|e| panic!("run {}: {e}", r.name));
-            let console =
-                String::from_utf8_lossy(&buf.lock().expect("console buffer")).into_owned();
-            GuestRun { report, console }
-        })
-        .collect()
+fn run_demo(doms: &[(&'static str, &str)], connect: &[(usize, usize)]) -> Vec<GuestRun> {
+    let specs: Vec<DomSpec> = doms.iter().map(|(n, c)| DomSpec::new(n, *c)).collect();
+    run_domains_of(demo_kernel(), &specs, connect)
 }
 
 fn assert_poweroff(run: &GuestRun, code: u8) {
