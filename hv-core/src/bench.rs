@@ -411,19 +411,12 @@ pub fn null_hypercall_once(kvm: &Kvm) -> Result<f64, BenchError> {
     Ok((b.as_secs_f64() - a.as_secs_f64()) * 1e9 / (LOOP_LONG - LOOP_SHORT) as f64)
 }
 
-/// A bare KVM VM in hv's 64-bit boot state with `code` at the kernel address, and no
-/// hv run loop. Returns the VM, the vCPU and the memory that backs it.
-fn bare_long_mode_vm(
-    kvm: &Kvm,
-    code: &[u8],
-) -> Result<(kvm_ioctls::VmFd, kvm_ioctls::VcpuFd, DomainMemory), BenchError> {
-    let (pool, _) = boot::pool_frames_for(BENCH_MEM, 0);
-    let mem = DomainMemory::new("floor", BENCH_MEM, pool).map_err(DomainError::from)?;
-    mem.write_ram(layout::KERNEL_MIN_GPA, code)
-        .map_err(DomainError::from)?;
-    let bi = boot::build_page_tables(&mem).map_err(DomainError::from)?;
-    boot::write_gdt_tss(&mem).map_err(DomainError::from)?;
-    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+/// Registers `mem`'s RAM (slot 0) and page-table pool (slot 1), both writable, with a
+/// bare bench VM. The caller keeps `mem` alive until after the VM is dropped.
+pub(crate) fn register_ram_and_pool(
+    vm: &kvm_ioctls::VmFd,
+    mem: &DomainMemory,
+) -> Result<(), BenchError> {
     for (slot, gpa, size) in [
         (0, 0, mem.ram_bytes()),
         (1, mem.pool_gpa(), mem.pool_end() - mem.pool_gpa()),
@@ -438,6 +431,23 @@ fn bare_long_mode_vm(
         // SAFETY: the region is mapped by `mem`, which the caller keeps alive with the VM.
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
     }
+    Ok(())
+}
+
+/// A bare KVM VM in hv's 64-bit boot state with `code` at the kernel address, and no
+/// hv run loop. Returns the VM, the vCPU and the memory that backs it.
+fn bare_long_mode_vm(
+    kvm: &Kvm,
+    code: &[u8],
+) -> Result<(kvm_ioctls::VmFd, kvm_ioctls::VcpuFd, DomainMemory), BenchError> {
+    let (pool, _) = boot::pool_frames_for(BENCH_MEM, 0);
+    let mem = DomainMemory::new("floor", BENCH_MEM, pool).map_err(DomainError::from)?;
+    mem.write_ram(layout::KERNEL_MIN_GPA, code)
+        .map_err(DomainError::from)?;
+    let bi = boot::build_page_tables(&mem).map_err(DomainError::from)?;
+    boot::write_gdt_tss(&mem).map_err(DomainError::from)?;
+    let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+    register_ram_and_pool(&vm, &mem)?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
     let cpuid = crate::cpuid::supported_cached(kvm)?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
@@ -499,8 +509,9 @@ pub fn kvm_create_floor_once(kvm: &Kvm) -> Result<f64, BenchError> {
             return Err(BenchError::Guest("mmap failed".into()));
         }
         let result = (|| {
-            let code = [0xE6u8, 0xE8, 0xF4]; // out 0xE8, al; hlt
-                                             // SAFETY: `host` maps `size` bytes and the code fits in the first page.
+            // out 0xE8, al; hlt
+            let code = [0xE6u8, 0xE8, 0xF4];
+            // SAFETY: `host` maps `size` bytes and the code fits in the first page.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     code.as_ptr(),

@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use hv_abi::layout;
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_msi,
-    kvm_userspace_memory_region, KvmIrqRouting, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_msi, KvmIrqRouting,
+    KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -154,20 +154,7 @@ fn floor_vm(kvm: &Kvm, main: &[u8]) -> Result<FloorVm, BenchError> {
     boot::write_gdt_tss(&mem).map_err(DomainError::from)?;
 
     let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-    for (slot, gpa, size) in [
-        (0, 0, mem.ram_bytes()),
-        (1, mem.pool_gpa(), mem.pool_end() - mem.pool_gpa()),
-    ] {
-        let r = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: mem.host_address(gpa).map_err(DomainError::from)?,
-        };
-        // SAFETY: the region is mapped by `mem`, which FloorVm drops after the VM.
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
-    }
+    super::register_ram_and_pool(&vm, &mem)?;
     // The in-kernel irqchip must exist before the vCPU.
     crate::upcall::create_irqchip(&vm).map_err(upcall_err)?;
     let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|e| upcall_err(UpcallError::EventFd(e)))?;
