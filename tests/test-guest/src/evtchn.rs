@@ -45,10 +45,10 @@ unsafe impl Sync for Idt {}
 static IDT: Idt = Idt(UnsafeCell::new([IdtEntry::MISSING; 256]));
 
 extern "C" {
-    /// The upcall interrupt gate: saves the caller-saved registers, calls
-    /// `tg_upcall`, restores them, `iretq`.
+    /// vCPU 0's upcall gate: saves the caller-saved registers, calls
+    /// `tg_upcall_on(0)`, restores them, `iretq`.
     fn tg_upcall_stub();
-    /// vCPU 1's upcall gate (vector `VECTOR + 1`): calls `tg_upcall1`.
+    /// vCPU 1's upcall gate (vector `VECTOR + 1`): the same with `tg_upcall_on(1)`.
     fn tg_upcall1_stub();
 }
 
@@ -57,37 +57,32 @@ static UPCALLS1: AtomicU64 = AtomicU64::new(0);
 /// The last port vCPU 1's handler saw.
 static LAST_PORT1: AtomicU64 = AtomicU64::new(0);
 
+// Two gates, one per vCPU: each saves RDI, puts its vCPU index there (the handler's
+// argument) and joins the common body.
 core::arch::global_asm!(
     ".pushsection .text.tg_upcall_stub, \"ax\"",
     ".global tg_upcall_stub",
+    ".global tg_upcall1_stub",
     "tg_upcall_stub:",
-    "push rax", "push rcx", "push rdx", "push rsi", "push rdi",
+    "push rdi",
+    "xor edi, edi",
+    "jmp 2f",
+    "tg_upcall1_stub:",
+    "push rdi",
+    "mov edi, 1",
+    "2:",
+    "push rax", "push rcx", "push rdx", "push rsi",
     "push r8", "push r9", "push r10", "push r11",
     // 9 pushes + the 5-word frame: RSP is 16-byte aligned minus 8; align for the call.
     "sub rsp, 8",
     "call {handler}",
     "add rsp, 8",
     "pop r11", "pop r10", "pop r9", "pop r8",
-    "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
+    "pop rsi", "pop rdx", "pop rcx", "pop rax",
+    "pop rdi",
     "iretq",
     ".popsection",
-    handler = sym tg_upcall,
-);
-
-core::arch::global_asm!(
-    ".pushsection .text.tg_upcall1_stub, \"ax\"",
-    ".global tg_upcall1_stub",
-    "tg_upcall1_stub:",
-    "push rax", "push rcx", "push rdx", "push rsi", "push rdi",
-    "push r8", "push r9", "push r10", "push r11",
-    "sub rsp, 8",
-    "call {handler}",
-    "add rsp, 8",
-    "pop r11", "pop r10", "pop r9", "pop r8",
-    "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
-    "iretq",
-    ".popsection",
-    handler = sym tg_upcall1,
+    handler = sym tg_upcall_on,
 );
 
 fn vcpu_byte(v: usize, off: usize) -> &'static AtomicU8 {
@@ -101,27 +96,9 @@ fn vcpu_sel(v: usize) -> &'static AtomicU64 {
     unsafe { &*((SHARED_INFO_GPA as usize + v * 64 + 8) as *const AtomicU64) }
 }
 
-/// vCPU 1's upcall handler: the same 2-level scan over vCPU 1's record.
-extern "C" fn tg_upcall1() {
-    UPCALLS1.fetch_add(1, Ordering::AcqRel);
-    vcpu_byte(1, 0).store(0, Ordering::Release);
-    let sel = vcpu_sel(1).swap(0, Ordering::AcqRel);
-    for w in 0..64usize {
-        if sel & (1 << w) == 0 {
-            continue;
-        }
-        let ready = pending_word(w).load(Ordering::Acquire) & !mask_word(w).load(Ordering::Acquire);
-        for b in 0..64 {
-            if ready & (1 << b) != 0 {
-                pending_word(w).fetch_and(!(1 << b), Ordering::AcqRel);
-                LAST_PORT1.store((w * 64 + b) as u64, Ordering::Release);
-            }
-        }
-    }
-    // SAFETY: x2APIC EOI (ring 0).
-    unsafe {
-        core::arch::asm!("wrmsr", in("ecx") 0x80Bu32, in("eax") 0u32, in("edx") 0u32, options(nostack));
-    }
+/// vCPU 1's upcall handler, called directly (events that arrived while masked).
+fn tg_upcall1() {
+    tg_upcall_on(1);
 }
 
 #[repr(C, align(16))]
@@ -254,25 +231,16 @@ fn shared() -> *mut SharedInfo {
 }
 
 fn vcpu0_pending() -> &'static AtomicU8 {
-    // SAFETY: shared_info is identity-mapped RAM for the domain's life; the byte is
-    // changed by the hypervisor concurrently, so it is only accessed atomically.
-    unsafe {
-        &*(core::ptr::addr_of_mut!((*shared()).vcpu_info[0].upcall_pending) as *const AtomicU8)
-    }
+    vcpu_byte(0, 0)
 }
 
 fn vcpu0_mask() -> &'static AtomicU8 {
-    // SAFETY: as `vcpu0_pending`.
-    unsafe { &*(core::ptr::addr_of_mut!((*shared()).vcpu_info[0].upcall_mask) as *const AtomicU8) }
-}
-
-fn vcpu0_sel() -> &'static AtomicU64 {
-    // SAFETY: as `vcpu0_pending`.
-    unsafe { &*(core::ptr::addr_of_mut!((*shared()).vcpu_info[0].pending_sel) as *const AtomicU64) }
+    vcpu_byte(0, 1)
 }
 
 fn pending_word(w: usize) -> &'static AtomicU64 {
-    // SAFETY: as `vcpu0_pending`; `w` < 64 (callers index by port / 64).
+    // SAFETY: shared_info is identity-mapped RAM for the domain's life; `w` < 64 (callers
+    // index by port / 64); changed concurrently by the hypervisor, so accessed atomically.
     unsafe { &*(core::ptr::addr_of_mut!((*shared()).evtchn_pending[w]) as *const AtomicU64) }
 }
 
@@ -295,11 +263,19 @@ fn set_mask(port: u32, on: bool) {
     }
 }
 
-/// The upcall handler (Xen's 2-level scan), then the x2APIC EOI.
-extern "C" fn tg_upcall() {
-    UPCALLS.fetch_add(1, Ordering::AcqRel);
-    vcpu0_pending().store(0, Ordering::Release);
-    let sel = vcpu0_sel().swap(0, Ordering::AcqRel);
+/// The upcall handler of vCPU `v` (Xen's 2-level scan over its record), then the
+/// x2APIC EOI. vCPU 0 counts into `UPCALLS`/`EVENTS`/`LAST_PORT`, vCPU 1 into
+/// `UPCALLS1`/`LAST_PORT1`.
+extern "C" fn tg_upcall_on(v: u64) {
+    let v = v as usize;
+    let (upcalls, last) = if v == 0 {
+        (&UPCALLS, &LAST_PORT)
+    } else {
+        (&UPCALLS1, &LAST_PORT1)
+    };
+    upcalls.fetch_add(1, Ordering::AcqRel);
+    vcpu_byte(v, 0).store(0, Ordering::Release);
+    let sel = vcpu_sel(v).swap(0, Ordering::AcqRel);
     for w in 0..64usize {
         if sel & (1 << w) == 0 {
             continue;
@@ -308,8 +284,10 @@ extern "C" fn tg_upcall() {
         for b in 0..64 {
             if ready & (1 << b) != 0 {
                 pending_word(w).fetch_and(!(1 << b), Ordering::AcqRel);
-                EVENTS.fetch_add(1, Ordering::AcqRel);
-                LAST_PORT.store((w * 64 + b) as u64, Ordering::Release);
+                if v == 0 {
+                    EVENTS.fetch_add(1, Ordering::AcqRel);
+                }
+                last.store((w * 64 + b) as u64, Ordering::Release);
             }
         }
     }
@@ -317,6 +295,11 @@ extern "C" fn tg_upcall() {
     unsafe {
         core::arch::asm!("wrmsr", in("ecx") 0x80Bu32, in("eax") 0u32, in("edx") 0u32, options(nostack));
     }
+}
+
+/// vCPU 0's upcall handler, called directly (events that arrived while masked).
+fn tg_upcall() {
+    tg_upcall_on(0);
 }
 
 fn install_upcall() -> i64 {
