@@ -45,11 +45,14 @@ pub enum Op {
     SchedOp = 29,
     /// Event-channel operations ([`crate::evtchn`]).
     EventChannelOp = 32,
+    /// Device connection handshake ([`crate::device`]; ABI 1.2). Not in Xen, which
+    /// uses xenstore for this.
+    DevOp = 64,
 }
 
 impl Op {
     /// Every operation number defined by ABI v1.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 12] = [
         Op::MmuUpdate,
         Op::Multicall,
         Op::UpdateVaMapping,
@@ -61,6 +64,7 @@ impl Op {
         Op::MmuextOp,
         Op::SchedOp,
         Op::EventChannelOp,
+        Op::DevOp,
     ];
 
     /// Decodes an operation number; `None` for numbers ABI v1 does not define.
@@ -82,6 +86,7 @@ impl Op {
             Op::MmuextOp => "mmuext_op",
             Op::SchedOp => "sched_op",
             Op::EventChannelOp => "event_channel_op",
+            Op::DevOp => "dev_op",
         }
     }
 }

@@ -5,7 +5,9 @@
 //! 0x0000_1000  boot GDT (0x1000) and TSS (0x1080)
 //! 0x0000_2000  start_info page
 //! 0x0000_3000  shared_info page
-//! 0x0000_4000  reserved for the hypervisor (0x4000..0x10000)
+//! 0x0000_4000  device table (ABI 1.2)
+//! 0x0000_5000  PV console page (ABI 1.2)
+//! 0x0000_6000  reserved for the hypervisor (0x6000..0x10000)
 //! 0x0001_0000  grant table, 4 frames (0x10000..0x14000; ABI 1.1)
 //! 0x0001_4000  reserved for the hypervisor (0x14000..0x40000)
 //! 0x0004_0000  boot stack, 256 KiB; RSP starts at 0x80000 - 8
@@ -16,6 +18,8 @@
 //!              its first start_info.nr_pt_frames frames hold the boot page tables
 //! window       grant window (ABI 1.1): starts at the pool's end rounded up to 2 MiB;
 //!              start_info.grant_window_frames frames where mapped grants appear
+//! regions      passthrough regions (ABI 1.2): from the window's end rounded up to
+//!              2 MiB, each region 2 MiB-aligned; the device table gives each one's GPA
 //! ```
 //!
 //! The boot page tables identity-map (virtual = guest-physical) every RAM page except
@@ -30,6 +34,11 @@ pub const TSS_GPA: u64 = 0x1080;
 pub const START_INFO_GPA: u64 = 0x2000;
 /// Guest-physical address of the shared_info page ([`crate::shared_info::SharedInfo`]).
 pub const SHARED_INFO_GPA: u64 = 0x3000;
+/// Guest-physical address of the device table ([`crate::device::DeviceEntry`]).
+pub const DEVICE_TABLE_GPA: u64 = 0x4000;
+/// Guest-physical address of the PV console page
+/// ([`crate::device::ConsoleInterface`]).
+pub const CONSOLE_PAGE_GPA: u64 = 0x5000;
 /// Guest-physical address of the grant table (RAM the guest writes entries into).
 pub const GRANT_TABLE_GPA: u64 = 0x1_0000;
 /// Number of grant-table frames: 4 frames of 512 entries, 2048 grant references.

@@ -12,7 +12,9 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod blkif;
 pub mod cpuid;
+pub mod device;
 pub mod errno;
 pub mod evtchn;
 pub mod grant;
@@ -20,6 +22,7 @@ pub mod hypercall;
 pub mod layout;
 pub mod mmu;
 pub mod note;
+pub mod ring;
 pub mod sched;
 pub mod shared_info;
 pub mod start_info;

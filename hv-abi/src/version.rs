@@ -4,7 +4,7 @@
 pub const ABI_MAJOR: u16 = 1;
 
 /// Minor version of the ABI. Backwards-compatible additions bump it.
-pub const ABI_MINOR: u16 = 1;
+pub const ABI_MINOR: u16 = 2;
 
 /// The version as returned by `version(VERSION_GET)`: `major << 16 | minor`.
 pub const fn packed_version(major: u16, minor: u16) -> u32 {
@@ -40,12 +40,14 @@ impl Features {
     pub const PV_CONSOLE: Features = Features(1 << 7);
     /// Paravirtual block device over a shared ring.
     pub const PV_BLOCK: Features = Features(1 << 8);
+    /// The device table (`start_info.devices_gpa`) and `dev_op` (ABI 1.2).
+    pub const DEV_OP: Features = Features(1 << 9);
 
     /// No features.
     pub const NONE: Features = Features(0);
 
     /// Every feature bit defined by this version of the crate, with its name.
-    pub const NAMED: [(Features, &'static str); 9] = [
+    pub const NAMED: [(Features, &'static str); 10] = [
         (Self::CONSOLE_IO, "console_io"),
         (Self::SCHED, "sched"),
         (Self::VCPU_OP, "vcpu_op"),
@@ -55,6 +57,7 @@ impl Features {
         (Self::TIMER, "timer"),
         (Self::PV_CONSOLE, "pv_console"),
         (Self::PV_BLOCK, "pv_block"),
+        (Self::DEV_OP, "dev_op"),
     ];
 
     /// The raw bits.
