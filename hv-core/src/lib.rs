@@ -13,6 +13,7 @@ pub mod config;
 pub mod console;
 pub mod cpuid;
 pub mod density;
+pub mod devices;
 pub mod domain;
 pub mod evtchn;
 pub mod grant;

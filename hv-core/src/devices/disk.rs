@@ -1,0 +1,298 @@
+//! A disk image: a raw file on the host, addressed in 512-byte sectors. Shared by the
+//! PV block back-end and the emulated block device.
+
+use std::fs::{File, OpenOptions};
+use std::io::IoSlice;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use hv_abi::blkif::SECTOR_SIZE;
+use thiserror::Error;
+
+/// Errors opening or using a disk image.
+#[derive(Debug, Error)]
+pub enum DiskError {
+    /// The image could not be opened or created.
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image's size is not a whole number of sectors, or is zero.
+    #[error("disk image {path} is {bytes} bytes: not a non-zero multiple of 512")]
+    BadSize {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
+    /// Sectors beyond the end of the disk.
+    #[error("sectors {sector}..+{count} are beyond the disk's {sectors} sectors")]
+    OutOfRange {
+        /// First sector asked for.
+        sector: u64,
+        /// Sectors asked for.
+        count: u64,
+        /// Sectors on the disk.
+        sectors: u64,
+    },
+    /// A write to a read-only disk.
+    #[error("the disk is read-only")]
+    ReadOnly,
+    /// The host's I/O failed.
+    #[error("disk I/O failed: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+/// How to open a disk image.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DiskSpec {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Create the file with this many bytes if it does not exist (a multiple of 512).
+    pub create_size: Option<u64>,
+    /// Refuse writes.
+    pub readonly: bool,
+}
+
+/// An open disk image.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    path: PathBuf,
+    sectors: u64,
+    readonly: bool,
+}
+
+impl Disk {
+    /// Opens (or creates, if `spec.create_size` is set and the file is missing) an image.
+    pub fn open(spec: &DiskSpec) -> Result<Disk, DiskError> {
+        let open_err = |source| DiskError::Open {
+            path: spec.path.clone(),
+            source,
+        };
+        let file = match spec.create_size {
+            Some(size) if !spec.path.exists() => {
+                if size == 0 || size % SECTOR_SIZE != 0 {
+                    return Err(DiskError::BadSize {
+                        path: spec.path.clone(),
+                        bytes: size,
+                    });
+                }
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&spec.path)
+                    .map_err(open_err)?;
+                f.set_len(size).map_err(open_err)?;
+                f
+            }
+            _ => OpenOptions::new()
+                .read(true)
+                .write(!spec.readonly)
+                .open(&spec.path)
+                .map_err(open_err)?,
+        };
+        let bytes = file.metadata().map_err(open_err)?.len();
+        if bytes == 0 || bytes % SECTOR_SIZE != 0 {
+            return Err(DiskError::BadSize {
+                path: spec.path.clone(),
+                bytes,
+            });
+        }
+        Ok(Disk {
+            file,
+            path: spec.path.clone(),
+            sectors: bytes / SECTOR_SIZE,
+            readonly: spec.readonly,
+        })
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// True if writes are refused.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Checks that `bytes` (a multiple of 512) starting at `sector` lie on the disk;
+    /// returns the byte offset.
+    pub fn check(&self, sector: u64, bytes: u64) -> Result<u64, DiskError> {
+        let count = bytes.div_ceil(SECTOR_SIZE);
+        match sector.checked_add(count) {
+            Some(end) if end <= self.sectors && bytes % SECTOR_SIZE == 0 => {
+                Ok(sector * SECTOR_SIZE)
+            }
+            _ => Err(DiskError::OutOfRange {
+                sector,
+                count,
+                sectors: self.sectors,
+            }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes (a multiple of 512) from `sector`.
+    pub fn read_at(&self, sector: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let off = self.check(sector, buf.len() as u64)?;
+        self.file.read_exact_at(buf, off).map_err(DiskError::Io)
+    }
+
+    /// Writes `buf` (a multiple of 512 bytes) at `sector`.
+    pub fn write_at(&self, sector: u64, buf: &[u8]) -> Result<(), DiskError> {
+        self.writev_at(sector, &[IoSlice::new(buf)])
+    }
+
+    /// Writes the buffers, one after another, from `sector` (one `pwritev` when it
+    /// writes everything).
+    pub fn writev_at(&self, sector: u64, bufs: &[IoSlice<'_>]) -> Result<(), DiskError> {
+        if self.readonly {
+            return Err(DiskError::ReadOnly);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut off = self.check(sector, total as u64)?;
+        let mut done = 0usize;
+        let iovcnt = libc::c_int::try_from(bufs.len().min(libc::UIO_MAXIOV as usize))
+            .map_err(|e| DiskError::Io(std::io::Error::other(e)))?;
+        // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call; the
+        // fd is this Disk's open file.
+        let n = unsafe {
+            libc::pwritev(
+                self.file.as_raw_fd(),
+                bufs.as_ptr() as *const libc::iovec,
+                iovcnt,
+                off as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(DiskError::Io(std::io::Error::last_os_error()));
+        }
+        done += n as usize;
+        if done == total {
+            return Ok(());
+        }
+        // A short write: finish buffer by buffer.
+        let mut skip = done;
+        off += done as u64;
+        for b in bufs {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            self.file
+                .write_all_at(&b[skip..], off)
+                .map_err(DiskError::Io)?;
+            off += (b.len() - skip) as u64;
+            skip = 0;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (`fdatasync`).
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.file.sync_data().map_err(DiskError::Io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("hv-disk-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn create_write_read_flush() {
+        let path = tmp("a");
+        let d = Disk::open(&DiskSpec {
+            path: path.clone(),
+            create_size: Some(8192),
+            readonly: false,
+        })
+        .unwrap();
+        assert_eq!(d.sectors(), 16);
+        let a = [1u8; 512];
+        let b = [2u8; 1024];
+        d.writev_at(3, &[IoSlice::new(&a), IoSlice::new(&b)])
+            .unwrap();
+        d.flush().unwrap();
+        let mut r = [0u8; 1536];
+        d.read_at(3, &mut r).unwrap();
+        assert_eq!(&r[..512], &a);
+        assert_eq!(&r[512..], &b);
+        let raw = std::fs::read(&path).unwrap();
+        assert_eq!(raw.len(), 8192);
+        assert_eq!(&raw[3 * 512..4 * 512], &a);
+        assert!(matches!(
+            d.write_at(15, &b),
+            Err(DiskError::OutOfRange {
+                sector: 15,
+                count: 2,
+                sectors: 16
+            })
+        ));
+        assert!(matches!(
+            d.read_at(u64::MAX, &mut r),
+            Err(DiskError::OutOfRange { .. })
+        ));
+        assert!(d.write_at(0, &[0u8; 100]).is_err());
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn bad_images() {
+        let path = tmp("b");
+        assert!(matches!(
+            Disk::open(&DiskSpec {
+                path: path.clone(),
+                create_size: Some(1000),
+                readonly: false
+            }),
+            Err(DiskError::BadSize { bytes: 1000, .. })
+        ));
+        assert!(matches!(
+            Disk::open(&DiskSpec {
+                path: path.clone(),
+                create_size: None,
+                readonly: false
+            }),
+            Err(DiskError::Open { .. })
+        ));
+        std::fs::write(&path, [0u8; 700]).unwrap();
+        assert!(matches!(
+            Disk::open(&DiskSpec {
+                path: path.clone(),
+                create_size: None,
+                readonly: false
+            }),
+            Err(DiskError::BadSize { bytes: 700, .. })
+        ));
+        std::fs::write(&path, [0u8; 1024]).unwrap();
+        let d = Disk::open(&DiskSpec {
+            path: path.clone(),
+            create_size: None,
+            readonly: true,
+        })
+        .unwrap();
+        assert!(matches!(
+            d.write_at(0, &[0u8; 512]),
+            Err(DiskError::ReadOnly)
+        ));
+        std::fs::remove_file(&path).unwrap();
+    }
+}
