@@ -6,10 +6,17 @@
 //! when the port is not masked, the vCPU's selector and `upcall_pending`; it raises
 //! the upcall interrupt only when `upcall_pending` goes from 0 to 1 and the vCPU's
 //! `upcall_mask` is clear. A flood of sends therefore coalesces in the pending bit.
+//!
+//! Ports bound to one of hv's own back-ends ([`PortState::Host`], the peer being
+//! `DOMID_HV`): a guest's send calls the back-end's [`HostNotify`] (which wakes its
+//! thread), and the back-end delivers events to the guest with [`notify_guest`].
 
+use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use hv_abi::device::DOMID_HV;
 use hv_abi::evtchn::{
     EvtchnAllocUnbound, EvtchnBindInterdomain, EvtchnBindVcpu, EvtchnStatus,
     EVTCHNOP_ALLOC_UNBOUND, EVTCHNOP_BIND_INTERDOMAIN, EVTCHNOP_BIND_IPI, EVTCHNOP_BIND_VCPU,
@@ -45,7 +52,35 @@ pub enum PortState {
     Virq(u32),
     /// An inter-processor interrupt port.
     Ipi,
+    /// Bound to a back-end of hv itself (peer `DOMID_HV`); `id` names the binding.
+    Host {
+        /// Which binding ([`HostPort`]); a port bound again gets a new id.
+        id: u64,
+    },
 }
+
+/// What a back-end in hv runs when its guest sends on the port bound to it (from the
+/// sending vCPU's thread, with no lock held): typically a wake-up of the back-end's
+/// thread. It must not block.
+#[derive(Clone)]
+pub struct HostNotify(pub Arc<dyn Fn() + Send + Sync>);
+
+impl fmt::Debug for HostNotify {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HostNotify")
+    }
+}
+
+/// A port of a domain bound to a back-end of hv ([`bind_host`], [`alloc_host`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    /// The guest's port number.
+    pub port: u32,
+    id: u64,
+}
+
+/// Binding ids of host ports.
+static NEXT_HOST_ID: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Clone, Copy, Debug)]
 struct Port {
@@ -60,6 +95,8 @@ pub struct PortTable {
     ports: Vec<Port>,
     /// Per vCPU, the port bound to each virtual IRQ (0: none).
     virqs: Vec<[u32; NR_VIRQS as usize]>,
+    /// The back-ends behind ports in state `Host`, by port.
+    host: HashMap<u32, HostNotify>,
 }
 
 impl PortTable {
@@ -68,6 +105,7 @@ impl PortTable {
             // Port 0 is never allocated.
             ports: vec![FREE],
             virqs: vec![[0; NR_VIRQS as usize]; nr_vcpus as usize],
+            host: HashMap::new(),
         }
     }
 
@@ -279,15 +317,79 @@ fn lock_pair<'a>(
     }
 }
 
-/// Allocates a port of `dom` for `remote` to bind.
+/// Allocates a port of `dom` for `remote` to bind (`DOMID_HV`: one of hv's back-ends,
+/// through `dev_op`).
 pub fn alloc_unbound(dom: &DomainShared, remote: u32) -> Result<u32, Errno> {
-    let remote = resolve(dom, remote)?;
-    dom.evtchn.lock()?.alloc(
-        PortState::Unbound {
-            remote: remote.domid,
+    let remote = if remote == u32::from(DOMID_HV) {
+        remote
+    } else {
+        resolve(dom, remote)?.domid
+    };
+    dom.evtchn.lock()?.alloc(PortState::Unbound { remote }, 0)
+}
+
+/// Binds `port` of `dom`, which must be unbound for `DOMID_HV` (else `EINVAL`), to a
+/// back-end of hv: from now on a send on it runs `notify`.
+pub fn bind_host(dom: &DomainShared, port: u32, notify: HostNotify) -> Result<HostPort, Errno> {
+    let p = valid_port(port)?;
+    let mut t = dom.evtchn.lock()?;
+    if t.at(p).state
+        != (PortState::Unbound {
+            remote: u32::from(DOMID_HV),
+        })
+    {
+        return Err(Errno::EINVAL);
+    }
+    let id = NEXT_HOST_ID.fetch_add(1, Ordering::Relaxed);
+    if let Some(slot) = t.at_mut(p) {
+        slot.state = PortState::Host { id };
+    }
+    t.host.insert(port, notify);
+    Ok(HostPort { port, id })
+}
+
+/// Allocates a new port of `dom` bound to a back-end of hv at once (the PV console's
+/// port, given to the guest in start_info).
+pub fn alloc_host(dom: &DomainShared, notify: HostNotify) -> Result<HostPort, Errno> {
+    let id = NEXT_HOST_ID.fetch_add(1, Ordering::Relaxed);
+    let mut t = dom.evtchn.lock()?;
+    let port = t.alloc(PortState::Host { id }, 0)?;
+    t.host.insert(port, notify);
+    drop(t);
+    dom.evtchn.clear_pending(port);
+    Ok(HostPort { port, id })
+}
+
+/// The back-end lets go of `hp`: if the guest has not closed or rebound the port
+/// meanwhile, it becomes unbound for `DOMID_HV` again (and may be connected anew).
+pub fn unbind_host(dom: &DomainShared, hp: HostPort) {
+    let Ok(mut t) = dom.evtchn.lock() else { return };
+    let Some(slot) = t.at_mut(hp.port as usize) else {
+        return;
+    };
+    if slot.state == (PortState::Host { id: hp.id }) {
+        slot.state = PortState::Unbound {
+            remote: u32::from(DOMID_HV),
+        };
+        t.host.remove(&hp.port);
+    }
+}
+
+/// The back-end of `hp` notifies its guest: an event on the port, if it is still bound
+/// to that back-end (else nothing). Returns whether it was.
+pub fn notify_guest(dom: &DomainShared, hp: HostPort) -> bool {
+    let vcpu = match dom.evtchn.lock() {
+        Ok(t) => match t.at(hp.port as usize) {
+            Port {
+                state: PortState::Host { id },
+                vcpu,
+            } if id == hp.id => vcpu,
+            _ => return false,
         },
-        0,
-    )
+        Err(_) => return false,
+    };
+    dom.evtchn.deliver(dom, hp.port, vcpu);
+    true
 }
 
 /// Binds a new port of `dom` to `remote_port` of `remote`, which must be unbound and
@@ -401,6 +503,9 @@ pub fn close(dom: &DomainShared, port: u32) -> Result<(), Errno> {
             *slot = 0;
         }
     }
+    if let PortState::Host { .. } = old.state {
+        t.host.remove(&port);
+    }
     if let Some(slot) = t.at_mut(p) {
         *slot = FREE;
     }
@@ -411,9 +516,19 @@ pub fn close(dom: &DomainShared, port: u32) -> Result<(), Errno> {
 
 /// Sends an event on `port`.
 pub fn send(dom: &DomainShared, port: u32) -> Result<(), Errno> {
-    let p = dom.evtchn.lock()?.get(port)?;
+    let (p, host) = {
+        let t = dom.evtchn.lock()?;
+        let p = t.get(port)?;
+        (p, t.host.get(&port).cloned())
+    };
     match p.state {
         PortState::Free => Err(Errno::EBADF),
+        PortState::Host { .. } => {
+            if let Some(h) = host {
+                (h.0)();
+            }
+            Ok(())
+        }
         PortState::Unbound { .. } => Ok(()),
         PortState::Virq(_) => Err(Errno::EINVAL),
         PortState::Ipi => {
@@ -502,11 +617,16 @@ pub fn status(dom: &DomainShared, port: u32) -> Result<EvtchnStatus, Errno> {
             s.remote_dom_or_virq = v;
         }
         PortState::Ipi => s.status = EVTCHNSTAT_IPI,
+        PortState::Host { .. } => {
+            s.status = EVTCHNSTAT_INTERDOMAIN;
+            s.remote_dom_or_virq = u32::from(DOMID_HV);
+        }
     }
     Ok(s)
 }
 
-/// Delivers `port` to vCPU `vcpu` from now on (unbound and interdomain ports only).
+/// Delivers `port` to vCPU `vcpu` from now on (unbound, interdomain and host ports
+/// only).
 pub fn bind_vcpu(dom: &DomainShared, port: u32, vcpu: u32) -> Result<(), Errno> {
     let p = valid_port(port)?;
     if vcpu >= dom.evtchn.nr_vcpus {
@@ -514,7 +634,7 @@ pub fn bind_vcpu(dom: &DomainShared, port: u32, vcpu: u32) -> Result<(), Errno> 
     }
     let mut t = dom.evtchn.lock()?;
     match t.get(port)?.state {
-        PortState::Unbound { .. } | PortState::Interdomain { .. } => {
+        PortState::Unbound { .. } | PortState::Interdomain { .. } | PortState::Host { .. } => {
             if let Some(slot) = t.at_mut(p) {
                 slot.vcpu = vcpu;
             }

@@ -502,6 +502,65 @@ fn unpin(granter: &DomainShared, gref: u32, write: bool, map: Option<(DomKey, u3
 }
 
 // ---------------------------------------------------------------------------------
+// Grants to hv's own back-ends (DOMID_HV).
+
+/// Starts using entry `gref` of `granter`'s table for one of hv's back-ends: the entry
+/// must grant access to `DOMID_HV` (writable if `write`). Its flags show `GTF_READING`
+/// (and `GTF_WRITING` if `write`) until the matching [`host_unpin`], so the guest cannot
+/// revoke it meanwhile. Returns the granted frame (a RAM frame of `granter`).
+///
+/// Errors: `ENOENT` (ref beyond the table), `EACCES` (not granted to `DOMID_HV`, or
+/// read-only for a write), `EINVAL` (bad frame), `EAGAIN` (the entry keeps changing),
+/// `ESRCH` (the granter is dying).
+pub fn host_pin(granter: &DomainShared, gref: u32, write: bool) -> Result<u64, Errno> {
+    pin(
+        granter,
+        u32::from(hv_abi::device::DOMID_HV),
+        gref,
+        write,
+        None,
+    )
+}
+
+/// Ends one use started by [`host_pin`] (same `gref` and `write`).
+pub fn host_unpin(granter: &DomainShared, gref: u32, write: bool) {
+    unpin(granter, gref, write, None)
+}
+
+/// A [`host_pin`] that ends when dropped.
+#[derive(Debug)]
+pub struct HostPin<'a> {
+    granter: &'a DomainShared,
+    gref: u32,
+    write: bool,
+    frame: u64,
+}
+
+impl<'a> HostPin<'a> {
+    /// Pins `gref` of `granter` for a back-end (see [`host_pin`]).
+    pub fn new(granter: &'a DomainShared, gref: u32, write: bool) -> Result<HostPin<'a>, Errno> {
+        let frame = host_pin(granter, gref, write)?;
+        Ok(HostPin {
+            granter,
+            gref,
+            write,
+            frame,
+        })
+    }
+
+    /// The granted frame (guest-physical address >> 12, in the granter's RAM).
+    pub fn frame(&self) -> u64 {
+        self.frame
+    }
+}
+
+impl Drop for HostPin<'_> {
+    fn drop(&mut self) {
+        host_unpin(self.granter, self.gref, self.write);
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Domains by id.
 
 /// The calling domain or another live one.

@@ -200,6 +200,85 @@ impl Disk {
         Ok(())
     }
 
+    /// Reads from `sector` into the buffers of `iov`, one after another (`preadv`,
+    /// repeated after a short read). For buffers in guest memory, which Rust references
+    /// must not cover.
+    ///
+    /// # Safety
+    /// Each iovec must describe memory that stays mapped and writable during the call.
+    pub unsafe fn readv_raw(&self, sector: u64, iov: &[libc::iovec]) -> Result<(), DiskError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.rw_raw(false, sector, iov) }
+    }
+
+    /// Writes the buffers of `iov`, one after another, from `sector` (`pwritev`,
+    /// repeated after a short write). For buffers in guest memory.
+    ///
+    /// # Safety
+    /// Each iovec must describe memory that stays mapped and readable during the call.
+    pub unsafe fn writev_raw(&self, sector: u64, iov: &[libc::iovec]) -> Result<(), DiskError> {
+        if self.readonly {
+            return Err(DiskError::ReadOnly);
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.rw_raw(true, sector, iov) }
+    }
+
+    /// # Safety
+    /// As [`Disk::readv_raw`] (reads) or [`Disk::writev_raw`] (writes).
+    unsafe fn rw_raw(
+        &self,
+        write: bool,
+        sector: u64,
+        iov: &[libc::iovec],
+    ) -> Result<(), DiskError> {
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let mut off = self.check(sector, total as u64)?;
+        let mut iov: Vec<libc::iovec> = iov.iter().filter(|v| v.iov_len != 0).copied().collect();
+        let mut first = 0usize;
+        while first < iov.len() {
+            let rest = &iov[first..];
+            let cnt = libc::c_int::try_from(rest.len().min(libc::UIO_MAXIOV as usize))
+                .map_err(|e| DiskError::Io(std::io::Error::other(e)))?;
+            let pos =
+                libc::off_t::try_from(off).map_err(|e| DiskError::Io(std::io::Error::other(e)))?;
+            // SAFETY: the iovecs describe memory the caller vouches for (writable for a
+            // read, readable for a write) and `cnt` of them follow `rest`'s start; the fd
+            // is this Disk's open file.
+            let n = unsafe {
+                if write {
+                    libc::pwritev(self.file.as_raw_fd(), rest.as_ptr(), cnt, pos)
+                } else {
+                    libc::preadv(self.file.as_raw_fd(), rest.as_ptr(), cnt, pos)
+                }
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(DiskError::Io(e));
+            }
+            if n == 0 {
+                return Err(DiskError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let mut n = n as usize;
+            off += n as u64;
+            while n > 0 && first < iov.len() {
+                let v = &mut iov[first];
+                if n >= v.iov_len {
+                    n -= v.iov_len;
+                    first += 1;
+                } else {
+                    v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                    v.iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Makes every completed write durable (`fdatasync`).
     pub fn flush(&self) -> Result<(), DiskError> {
         self.file.sync_data().map_err(DiskError::Io)
@@ -251,6 +330,40 @@ mod tests {
             Err(DiskError::OutOfRange { .. })
         ));
         assert!(d.write_at(0, &[0u8; 100]).is_err());
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn raw_vectors() {
+        let path = tmp("raw");
+        let d = Disk::open(&DiskSpec {
+            path: path.clone(),
+            create_size: Some(4096),
+            readonly: false,
+        })
+        .unwrap();
+        let mut a = vec![7u8; 512];
+        let mut b = vec![9u8; 1024];
+        let iov = |x: &mut Vec<u8>| libc::iovec {
+            iov_base: x.as_mut_ptr().cast(),
+            iov_len: x.len(),
+        };
+        let w = [iov(&mut a), iov(&mut b)];
+        // SAFETY: both vectors live across the call.
+        unsafe { d.writev_raw(2, &w) }.unwrap();
+        let raw = std::fs::read(&path).unwrap();
+        assert!(raw[1024..1536].iter().all(|&x| x == 7));
+        assert!(raw[1536..2560].iter().all(|&x| x == 9));
+        let mut r1 = vec![0u8; 1024];
+        let mut r2 = vec![0u8; 512];
+        let r = [iov(&mut r1), iov(&mut r2)];
+        // SAFETY: as above.
+        unsafe { d.readv_raw(2, &r) }.unwrap();
+        assert!(r1[..512].iter().all(|&x| x == 7) && r1[512..].iter().all(|&x| x == 9));
+        assert!(r2.iter().all(|&x| x == 9));
+        // SAFETY: as above.
+        let e = unsafe { d.readv_raw(7, &r) };
+        assert!(matches!(e, Err(DiskError::OutOfRange { .. })));
         std::fs::remove_file(&path).unwrap();
     }
 
