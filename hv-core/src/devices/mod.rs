@@ -3,3 +3,6 @@
 //! passthrough regions).
 
 pub mod disk;
+pub mod emublk;
+pub mod passthrough;
+pub mod uart;
