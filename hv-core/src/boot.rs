@@ -56,19 +56,27 @@ pub enum BootError {
 /// `pool_frames` frames placed after it, plus the (empty) L1 tables that cover the
 /// grant window after the pool.
 pub fn boot_pt_frames(ram_bytes: u64, pool_frames: u64) -> u64 {
+    boot_pt_frames_with(ram_bytes, pool_frames, &[])
+}
+
+/// [`boot_pt_frames`] with passthrough regions of `region_sizes` bytes mapped too (at
+/// [`crate::devices::passthrough::region_gpas`]).
+pub fn boot_pt_frames_with(ram_bytes: u64, pool_frames: u64, region_sizes: &[u64]) -> u64 {
     let pool = pool_gpa_for(ram_bytes);
     let pool_end = pool + pool_frames * PAGE_SIZE;
     let window = crate::grant::window_gpa_for(pool_end);
-    let ranges = [
+    let mut ranges = vec![
         (0, ram_bytes),
         (pool, pool_end),
         (window, window + crate::grant::WINDOW_BYTES),
     ];
+    let gpas = crate::devices::passthrough::region_gpas(pool_end, region_sizes);
+    ranges.extend(gpas.iter().zip(region_sizes).map(|(g, s)| (*g, g + s)));
     let mut total = 0;
     // Tables at level n cover 4 KiB << (9 * n) bytes each (L1: 2 MiB, L2: 1 GiB, ...).
     for shift in [21u32, 30, 39] {
         let mut last: Option<u64> = None;
-        for (start, end) in ranges {
+        for &(start, end) in &ranges {
             if end <= start {
                 continue;
             }
@@ -87,10 +95,15 @@ pub fn boot_pt_frames(ram_bytes: u64, pool_frames: u64) -> u64 {
 
 /// Sizes the pool: boot tables plus `extra` frames for the guest.
 pub fn pool_frames_for(ram_bytes: u64, extra: u64) -> (u64, u64) {
+    pool_frames_for_regions(ram_bytes, extra, &[])
+}
+
+/// [`pool_frames_for`] for a domain with passthrough regions of `region_sizes` bytes.
+pub fn pool_frames_for_regions(ram_bytes: u64, extra: u64, region_sizes: &[u64]) -> (u64, u64) {
     let mut boot = 1;
     loop {
         let pool = boot + extra;
-        let need = boot_pt_frames(ram_bytes, pool);
+        let need = boot_pt_frames_with(ram_bytes, pool, region_sizes);
         if need == boot {
             return (pool, boot);
         }
@@ -169,6 +182,15 @@ pub struct BootInfo {
 
 /// Writes the boot page tables into the pool.
 pub fn build_page_tables(mem: &DomainMemory) -> Result<BootInfo, BootError> {
+    build_page_tables_with(mem, &[])
+}
+
+/// [`build_page_tables`] that also identity-maps passthrough regions, given as
+/// (guest-physical address, bytes), writable and user-accessible like RAM.
+pub fn build_page_tables_with(
+    mem: &DomainMemory,
+    regions: &[(u64, u64)],
+) -> Result<BootInfo, BootError> {
     let pool = mem.pool_gpa();
     let mut b = PtBuilder::new(pool);
     b.map(
@@ -179,6 +201,9 @@ pub fn build_page_tables(mem: &DomainMemory) -> Result<BootInfo, BootError> {
     b.map(pool, mem.pool_end(), PTE_P | PTE_U | PTE_A);
     let window = crate::grant::window_gpa_for(mem.pool_end());
     b.cover(window, window + crate::grant::WINDOW_BYTES);
+    for (gpa, size) in regions {
+        b.map(*gpa, gpa + size, PTE_P | PTE_W | PTE_U | PTE_A | PTE_D);
+    }
     let need = b.frames.len() as u64;
     if need > mem.pool_frames() {
         return Err(BootError::PoolTooSmall {
@@ -425,6 +450,33 @@ mod tests {
             b.cover(w, w + crate::grant::WINDOW_BYTES);
             assert_eq!(b.frames.len() as u64, boot, "ram {ram:#x} extra {extra}");
             assert_eq!(pool, boot + extra);
+        }
+    }
+
+    #[test]
+    fn frame_count_with_regions_matches_builder() {
+        let ram = 64 << 20;
+        for sizes in [vec![4096u64], vec![2 << 20, 4096, 5 << 20], vec![1 << 30]] {
+            let (pool, boot) = pool_frames_for_regions(ram, 16, &sizes);
+            let mem = DomainMemory::new("t", ram, pool).unwrap();
+            let gpas = crate::devices::passthrough::region_gpas(mem.pool_end(), &sizes);
+            let regions: Vec<(u64, u64)> = gpas.into_iter().zip(sizes.clone()).collect();
+            let bi = build_page_tables_with(&mem, &regions).unwrap();
+            assert_eq!(bi.nr_pt_frames, boot, "{sizes:?}");
+            // The last page of each region is mapped writable, user-accessible.
+            for (gpa, size) in &regions {
+                let va = gpa + size - PAGE_SIZE;
+                let mut table = bi.pt_base;
+                for shift in [39u32, 30, 21, 12] {
+                    let mut e = [0u8; 8];
+                    mem.guest_memory_read(table + ((va >> shift) & 511) * 8, &mut e)
+                        .unwrap();
+                    table = u64::from_le_bytes(e);
+                    assert_eq!(table & (PTE_P | PTE_U), PTE_P | PTE_U);
+                    table &= hv_abi::mmu::PTE_ADDR_MASK;
+                }
+                assert_eq!(table, va);
+            }
         }
     }
 

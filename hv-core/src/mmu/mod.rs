@@ -98,6 +98,9 @@ pub struct Mmu {
     layout: Layout,
     frames: Vec<FrameInfo>,
     changes: Changes,
+    /// Guest-physical ranges `[start, end)` outside RAM that L1 entries may map as
+    /// data pages (passthrough regions).
+    data_ranges: Vec<(u64, u64)>,
 }
 
 impl Mmu {
@@ -107,6 +110,38 @@ impl Mmu {
             frames: vec![FrameInfo::default(); layout.pool_frames as usize],
             layout,
             changes: Changes::default(),
+            data_ranges: Vec::new(),
+        }
+    }
+
+    /// Lets L1 entries map the `bytes` at `gpa` (a passthrough region, outside RAM and
+    /// the pool) as data pages, like RAM: never as page tables, never pinned.
+    pub fn add_data_range(&mut self, gpa: u64, bytes: u64) {
+        self.data_ranges.push((gpa, gpa.saturating_add(bytes)));
+    }
+
+    /// Stops accepting new L1 entries into the range added at `gpa` (the region was
+    /// detached; entries already validated stay, and take no reference).
+    pub fn remove_data_range(&mut self, gpa: u64) {
+        self.data_ranges.retain(|(start, _)| *start != gpa);
+    }
+
+    /// [`Layout::check_entry`], with the data ranges as RAM for L1 entries.
+    pub fn check_entry(&self, level: u8, slot: usize, val: u64) -> Result<Target, Errno> {
+        match self.layout.check_entry(level, slot, val) {
+            Err(Errno::EACCES) if level == 1 => {
+                let addr = val & hv_abi::mmu::PTE_ADDR_MASK;
+                if self
+                    .data_ranges
+                    .iter()
+                    .any(|(start, end)| (*start..*end).contains(&addr))
+                {
+                    Ok(Target::Ram)
+                } else {
+                    Err(Errno::EACCES)
+                }
+            }
+            r => r,
         }
     }
 
@@ -237,11 +272,10 @@ impl Mmu {
             return Ok((0, old));
         }
         let slot = ((gpa % PAGE_SIZE) / 8) as usize;
-        let new_target = self.layout.check_entry(level, slot, val)?;
+        let new_target = self.check_entry(level, slot, val)?;
         self.get_ref(mem, new_target)?;
         // Validated entries never fail to decode.
         let old_target = self
-            .layout
             .check_entry(level, slot, old)
             .unwrap_or(Target::NotPresent);
         let stored = rules::with_accessed(level, val);
@@ -342,7 +376,6 @@ impl Mmu {
             let gpa = base + slot as u64 * 8;
             let val = mem.read_pte(gpa);
             let r = self
-                .layout
                 .check_entry(level, slot, val)
                 .and_then(|t| self.get_ref(mem, t));
             if let Err(e) = r {
@@ -373,7 +406,6 @@ impl Mmu {
             let v = mem.read_pte(base + slot as u64 * 8);
             // Validated entries always decode.
             let t = self
-                .layout
                 .check_entry(level, slot, v)
                 .unwrap_or(Target::NotPresent);
             self.put_ref(mem, t);

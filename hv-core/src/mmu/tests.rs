@@ -166,3 +166,44 @@ fn updates_move_references_and_store_accessed_bits() {
     assert_eq!(m.update(&mut mem, 0x5000, 0), Err(Errno::EACCES));
     assert_eq!(m.update(&mut mem, 1 << 40, 0), Err(Errno::EFAULT));
 }
+
+#[test]
+fn data_ranges_map_as_data_only() {
+    const REGION: u64 = 0x100_0000;
+    let mut mem = Mem::default();
+    chain(&mut mem);
+    let mut mmu = Mmu::new(layout());
+    mmu.pin(&mut mem, 4, f(0)).unwrap();
+    let l1e = f(3) + 16;
+    let data = REGION | PTE_P | PTE_W | PTE_U;
+    // Before the range is added, the frame is outside the domain's memory.
+    assert_eq!(mmu.write_entry(&mut mem, l1e, data), Err(Errno::EACCES));
+    mmu.add_data_range(REGION, 2 * 4096);
+    assert_eq!(mmu.check_entry(1, 0, data), Ok(Target::Ram));
+    assert_eq!(mmu.write_entry(&mut mem, l1e, data), Ok((1, 0)));
+    assert_eq!(
+        mmu.write_entry(&mut mem, l1e + 8, (REGION + 4096) | PTE_P),
+        Ok((1, 0))
+    );
+    // Past its end, and as a table at any level: refused. Never pinnable.
+    assert_eq!(
+        mmu.write_entry(&mut mem, l1e + 16, (REGION + 8192) | PTE_P),
+        Err(Errno::EACCES)
+    );
+    assert_eq!(mmu.check_entry(2, 0, REGION | PTE_P), Err(Errno::EACCES));
+    assert_eq!(
+        mmu.write_entry(&mut mem, f(2) + 8, data),
+        Err(Errno::EACCES)
+    );
+    assert_eq!(mmu.pin(&mut mem, 1, REGION), Err(Errno::EINVAL));
+    // Removed: new entries are refused; the old ones can still be cleared.
+    mmu.remove_data_range(REGION);
+    assert_eq!(
+        mmu.write_entry(&mut mem, l1e + 16, REGION | PTE_P),
+        Err(Errno::EACCES)
+    );
+    assert_eq!(
+        mmu.write_entry(&mut mem, l1e, 0),
+        Ok((1, data | PTE_A | PTE_D))
+    );
+}
