@@ -162,6 +162,32 @@ pub unsafe fn inb(port: u16) -> u8 {
     v
 }
 
+/// Writes the 32-bit `value` to I/O port `port` (`out dx, eax`).
+///
+/// # Safety
+///
+/// As for [`outb`].
+#[inline]
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller vouches for the port.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags))
+    };
+}
+
+/// Reads 32 bits from I/O port `port` (`in eax, dx`).
+///
+/// # Safety
+///
+/// As for [`inb`].
+#[inline]
+pub unsafe fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: the caller vouches for the port.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nostack, preserves_flags)) };
+    v
+}
+
 /// Drops to ring 3 at `rip` with stack `rsp` and flags `rflags`, using the boot GDT's
 /// user selectors (CS = [`SEL_USER_CODE`], SS = [`SEL_USER_DATA`]), via `iretq`.
 ///

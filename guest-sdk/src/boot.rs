@@ -167,6 +167,7 @@ pub unsafe fn start(
     built_minor: u16,
     main: fn(&'static StartInfo) -> !,
 ) -> ! {
+    early_console(start_info_gpa);
     // SAFETY: forwarded from the caller.
     match unsafe { init(start_info_gpa, required, built_minor) } {
         Ok(si) => main(si),
@@ -174,10 +175,38 @@ pub unsafe fn start(
     }
 }
 
-/// Reports a failed [`init`] and crashes the domain.
+/// Before any hypercall: if the command line has the word `console=uart`, sends the
+/// SDK's output to the UART ([`crate::console::use_uart`]), so that even the messages
+/// of a failed ABI check go there. Reads start_info only if it is where the hypervisor
+/// puts it and carries the magic.
+fn early_console(start_info_gpa: u64) {
+    if start_info_gpa != hv_abi::layout::START_INFO_GPA {
+        return;
+    }
+    // SAFETY: the boot identity map covers the start_info page (the caller of `start`
+    // guarantees the address is the hypervisor's); it is only read.
+    let si = unsafe { &*(start_info_gpa as *const StartInfo) };
+    if si.magic == START_INFO_MAGIC
+        && crate::cmdline::words(si.cmdline_bytes()).any(|w| w == b"console=uart")
+    {
+        crate::console::use_uart(crate::uart::Uart::com1());
+    }
+}
+
+/// Reports a failed [`init`] and crashes the domain. When the failure means the
+/// hypervisor does not speak this kernel's ABI major version (bad start_info, a failing
+/// or foreign version hypercall), its console hypercall cannot be trusted either: the
+/// report goes to the UART.
 #[cold]
 #[inline(never)]
 fn boot_failed(e: InitError) -> ! {
+    let foreign = !matches!(
+        e,
+        InitError::AbiMinor { .. } | InitError::MissingFeatures { .. }
+    );
+    if foreign {
+        crate::console::use_uart(crate::uart::Uart::com1());
+    }
     crate::println!("hv guest: cannot boot: {}", e);
     crate::crash()
 }

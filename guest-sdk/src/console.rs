@@ -1,5 +1,6 @@
-//! A buffered console over `console_io(CONSOLEIO_WRITE)`, and [`print!`](crate::print)
-//! / [`println!`](crate::println).
+//! A buffered console over `console_io(CONSOLEIO_WRITE)` (or, once selected, the PV
+//! console's ring or the UART: [`Sink`]), and [`print!`](crate::print) /
+//! [`println!`](crate::println).
 //!
 //! Every hypercall is a VM exit, so [`Console`] gathers output in a
 //! [`CONSOLE_BUFFER`]-byte buffer and writes it when a line is complete (`'\n'`), when
@@ -11,6 +12,7 @@
 
 use core::fmt;
 use core::mem::MaybeUninit;
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 /// Size of a [`Console`]'s buffer in bytes.
 pub const CONSOLE_BUFFER: usize = 256;
@@ -76,10 +78,114 @@ impl<const N: usize> LineBuffer<N> {
     }
 }
 
-/// Writes to the hypervisor console.
-#[inline(always)]
+/// Where [`Console`] output goes: the console hypercall (the default), the PV
+/// console's ring ([`use_pv_console`]) or the UART ([`use_uart`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sink {
+    /// `console_io(CONSOLEIO_WRITE)`: one hypercall per line.
+    Hypercall,
+    /// The PV console's output ring ([`crate::pvconsole`]): one notification per line.
+    PvConsole,
+    /// The 16550 UART ([`crate::uart`]): exits per byte, no PV interface needed.
+    Uart,
+}
+
+const SINK_HYPERCALL: u8 = 0;
+const SINK_PV: u8 = 1;
+const SINK_UART: u8 = 2;
+
+static SINK: AtomicU8 = AtomicU8::new(SINK_HYPERCALL);
+static PV_PAGE: AtomicU64 = AtomicU64::new(0);
+static PV_PORT: AtomicU32 = AtomicU32::new(0);
+static UART_PORT: AtomicU16 = AtomicU16::new(crate::uart::UART_BASE);
+/// Serialises writers of the PV ring and the UART (the ring has one producer index).
+static SINK_LOCK: AtomicBool = AtomicBool::new(false);
+/// How long a line waits for room in the PV console ring before the rest of it goes
+/// through the console hypercall.
+const PV_LINE_TIMEOUT_NS: u64 = 1_000_000_000;
+/// Lock attempts before a writer gives up on the lock (an interrupted writer on the
+/// same vCPU would otherwise deadlock) and takes a fallback.
+const LOCK_SPINS: u32 = 100_000;
+
+/// Sends [`print!`](crate::print) and friends to the PV console `c` from now on.
+/// Masks its port: the console's events (room freed, input) then raise no upcall; a
+/// writer waiting for room polls for them.
+pub fn use_pv_console(c: crate::pvconsole::PvConsole) {
+    let _ = crate::evtchn::mask(c.port());
+    PV_PAGE.store(c.page(), Ordering::Release);
+    PV_PORT.store(c.port(), Ordering::Release);
+    SINK.store(SINK_PV, Ordering::Release);
+}
+
+/// Sends [`print!`](crate::print) and friends to the UART `u` from now on.
+pub fn use_uart(u: crate::uart::Uart) {
+    UART_PORT.store(u.base(), Ordering::Release);
+    SINK.store(SINK_UART, Ordering::Release);
+}
+
+/// Sends [`print!`](crate::print) and friends to the console hypercall again.
+pub fn use_hypercall() {
+    SINK.store(SINK_HYPERCALL, Ordering::Release);
+}
+
+/// Where output goes now.
+pub fn sink() -> Sink {
+    match SINK.load(Ordering::Acquire) {
+        SINK_PV => Sink::PvConsole,
+        SINK_UART => Sink::Uart,
+        _ => Sink::Hypercall,
+    }
+}
+
+/// Takes [`SINK_LOCK`], trying a bounded number of times.
+fn lock_sink() -> bool {
+    for _ in 0..LOCK_SPINS {
+        if SINK_LOCK
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    false
+}
+
+/// Writes to the selected sink.
 fn hv_sink(bytes: &[u8]) {
-    let _ = crate::ops::console_write(bytes);
+    match SINK.load(Ordering::Acquire) {
+        SINK_PV => {
+            if !lock_sink() {
+                let _ = crate::ops::console_write(bytes);
+                return;
+            }
+            // SAFETY: the page and port came from a `PvConsole` (`use_pv_console`).
+            let c = unsafe {
+                crate::pvconsole::PvConsole::new(
+                    PV_PAGE.load(Ordering::Acquire),
+                    PV_PORT.load(Ordering::Acquire),
+                )
+            };
+            let deadline = crate::time::system_time_ns().saturating_add(PV_LINE_TIMEOUT_NS);
+            let r = c.write_all(bytes, deadline);
+            SINK_LOCK.store(false, Ordering::Release);
+            if let Err(crate::pvconsole::PvConsoleError::TimedOut { written }) = r {
+                let _ = crate::ops::console_write(bytes.get(written..).unwrap_or(&[]));
+            }
+        }
+        SINK_UART => {
+            let locked = lock_sink();
+            // SAFETY: the port came from a `Uart` (`use_uart`).
+            let u = unsafe { crate::uart::Uart::new(UART_PORT.load(Ordering::Acquire)) };
+            u.write_bytes(bytes);
+            if locked {
+                SINK_LOCK.store(false, Ordering::Release);
+            }
+        }
+        _ => {
+            let _ = crate::ops::console_write(bytes);
+        }
+    }
 }
 
 /// A buffered writer to the domain's console (see the [module docs](self)).

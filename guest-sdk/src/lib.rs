@@ -34,7 +34,11 @@
 //! * [`evtchn`], [`upcall`], [`sched`]: event channels, the upcall interrupt and its
 //!   dispatcher, sleeping until events arrive;
 //! * [`time`]: system time, wall clock, the one-shot and periodic timer;
-//! * [`grant`]: grant tables (sharing frames with other domains).
+//! * [`grant`]: grant tables (sharing frames with other domains);
+//! * [`devices`]: the device table and the `dev_op` handshake; drivers for the PV
+//!   block device ([`blkfront`]), the PV console ([`pvconsole`]), the emulated block
+//!   device ([`emublk`]), passthrough regions ([`passthrough`], over
+//!   [`volatile::VolatileSlice`]) and the 16550 UART ([`uart`]).
 //!
 //! # Addresses
 //!
@@ -47,10 +51,13 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod arch;
+pub mod blkfront;
 pub mod boot;
 pub mod cmdline;
 pub mod console;
 pub mod cpuid;
+pub mod devices;
+pub mod emublk;
 pub mod error;
 pub mod evtchn;
 pub mod grant;
@@ -59,10 +66,14 @@ mod macros;
 pub mod mmu;
 pub mod ops;
 pub mod panic;
+pub mod passthrough;
+pub mod pvconsole;
 pub mod sched;
 pub mod time;
+pub mod uart;
 pub mod upcall;
 pub mod user;
+pub mod volatile;
 
 #[doc(hidden)]
 pub use macros::__features_bits;

@@ -197,3 +197,72 @@ pub unsafe fn run_user(rip: u64, rsp: u64) -> UserExit {
         *HV_USER_EXIT.0.get()
     }
 }
+
+/// Ports that [`allow_user_ports`] could not open to ring 3: the boot TSS's I/O
+/// permission bitmap does not reach them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortsNotCovered {
+    /// The first port asked for.
+    pub first: u16,
+    /// How many.
+    pub count: u16,
+    /// Ports `0..covered` are covered by the bitmap.
+    pub covered: u32,
+}
+
+impl core::fmt::Display for PortsNotCovered {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "ports {:#x}..{:#x} are beyond the boot TSS's I/O bitmap (it covers ports below {:#x})",
+            self.first,
+            u32::from(self.first) + u32::from(self.count),
+            self.covered
+        )
+    }
+}
+
+/// Lets CPL 3 use I/O ports `first..first + count` by clearing their bits in the boot
+/// TSS's I/O permission bitmap (SPEC.md §4: the TSS at `layout::TSS_GPA`, its limit in
+/// the boot GDT's descriptor). Fails, changing nothing, if the bitmap (as far as the
+/// TSS limit reaches, keeping the byte the CPU reads past the last port) does not cover
+/// them all. Ring 3 then reaches the device behind the ports directly (on hv: each
+/// access is an exit the hypervisor handles).
+///
+/// # Safety
+/// The boot TSS must be the loaded TSS, at `TSS_GPA` with its descriptor at
+/// `SEL_TSS` in the boot GDT at `GDT_GPA`, mapped writable; and ring 3 must be trusted
+/// with the devices behind the ports.
+pub unsafe fn allow_user_ports(first: u16, count: u16) -> Result<(), PortsNotCovered> {
+    use hv_abi::layout::{GDT_GPA, SEL_TSS};
+    // SAFETY: the caller guarantees the boot GDT and TSS are mapped where SPEC §4 puts
+    // them; the descriptor and the map base are plain reads.
+    let (desc, map_base) = unsafe {
+        (
+            core::ptr::read_volatile((GDT_GPA + u64::from(SEL_TSS)) as *const u64),
+            core::ptr::read_volatile((TSS_GPA + 102) as *const u16),
+        )
+    };
+    let limit = (desc & 0xFFFF) | ((desc >> 48) & 0xF) << 16;
+    // Bitmap bytes within the limit, minus the one the CPU may read past the last port.
+    let bytes = (limit + 1)
+        .saturating_sub(u64::from(map_base))
+        .saturating_sub(1);
+    let covered = (bytes * 8).min(u64::from(u32::MAX)) as u32;
+    let end = u32::from(first) + u32::from(count);
+    if end > covered {
+        return Err(PortsNotCovered {
+            first,
+            count,
+            covered,
+        });
+    }
+    let bitmap = TSS_GPA + u64::from(map_base);
+    for p in u32::from(first)..end {
+        let at = (bitmap + u64::from(p / 8)) as *mut u8;
+        // SAFETY: the byte is inside the TSS limit (checked), in the boot TSS the
+        // caller vouches for; the CPU reads it on the next ring-3 port access.
+        unsafe { core::ptr::write_volatile(at, core::ptr::read_volatile(at) & !(1 << (p % 8))) };
+    }
+    Ok(())
+}
