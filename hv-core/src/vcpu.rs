@@ -226,22 +226,36 @@ impl Vcpu {
                         Err(reason) => Next::Fatal(ExitKind::Mmio, reason),
                     }
                 }
-                Ok(VcpuExit::IoOut(port, data)) => Next::Fatal(
-                    ExitKind::PortIo,
-                    CrashReason::UnknownPort {
-                        port,
-                        size: data.len() as u32,
-                        dir: "out",
-                    },
-                ),
-                Ok(VcpuExit::IoIn(port, data)) => Next::Fatal(
-                    ExitKind::PortIo,
-                    CrashReason::UnknownPort {
-                        port,
-                        size: data.len() as u32,
-                        dir: "in",
-                    },
-                ),
+                // Other ports belong to the domain's emulated devices (UART, emulated
+                // block devices); a port no device has crashes the domain.
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if dom.devices.pio_write(port, data) {
+                        Next::Resume(ExitKind::PortIo)
+                    } else {
+                        Next::Fatal(
+                            ExitKind::PortIo,
+                            CrashReason::UnknownPort {
+                                port,
+                                size: data.len() as u32,
+                                dir: "out",
+                            },
+                        )
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if port != HYPERCALL_PORT && dom.devices.pio_read(port, data) {
+                        Next::Resume(ExitKind::PortIo)
+                    } else {
+                        Next::Fatal(
+                            ExitKind::PortIo,
+                            CrashReason::UnknownPort {
+                                port,
+                                size: data.len() as u32,
+                                dir: "in",
+                            },
+                        )
+                    }
+                }
                 Ok(VcpuExit::MmioRead(gpa, data)) => Next::Fatal(
                     ExitKind::Mmio,
                     CrashReason::UnknownMmio {

@@ -3,9 +3,13 @@
 //! the domain's console (the same sink as its other console output). Byte accesses
 //! only: a wider access reads all ones and writes nothing. No interrupt line: guests
 //! poll the line status register. No input.
+//!
+//! The UART has its own [`Console`] on the domain's sink: it keeps its own unfinished
+//! line, so with a prefixed sink a UART line and a line of the other console paths
+//! never mix mid-line.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use hv_abi::device::UART_BASE;
 use vm_superio::serial::NoEvents;
@@ -28,8 +32,8 @@ impl Trigger for NoInterrupt {
     }
 }
 
-/// Where transmitted bytes go: the domain's console.
-pub struct ConsoleWriter(Arc<Console>);
+/// Where transmitted bytes go: a console on the domain's sink.
+pub struct ConsoleWriter(Console);
 
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -54,8 +58,9 @@ impl std::fmt::Debug for Uart {
 }
 
 impl Uart {
-    /// A UART whose output goes to `out`.
-    pub fn new(out: Arc<Console>) -> Uart {
+    /// A UART whose output goes to `out` (a console on the domain's sink:
+    /// `Console::new(sink.clone())`).
+    pub fn new(out: Console) -> Uart {
         Uart {
             serial: Mutex::new(Serial::new(NoInterrupt, ConsoleWriter(out))),
         }
@@ -104,7 +109,7 @@ mod tests {
     #[test]
     fn transmits_to_the_console() {
         let (sink, buf) = ConsoleSink::capture();
-        let u = Uart::new(Arc::new(Console::new(sink)));
+        let u = Uart::new(Console::new(sink));
         assert!(u.handles(0x3F8) && u.handles(0x3FF) && !u.handles(0x400));
         // Line status: transmitter empty.
         let mut lsr = [0u8];
