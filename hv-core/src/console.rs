@@ -20,6 +20,8 @@ pub enum ConsoleSink {
     PrefixedStdout(Arc<str>),
     /// An in-memory buffer (tests, benchmarks).
     Capture(Arc<Mutex<Vec<u8>>>),
+    /// A file (`hv run --console-output`), escaped as on standard output.
+    File(Arc<Mutex<std::fs::File>>),
     /// Dropped.
     Discard,
 }
@@ -136,6 +138,12 @@ impl Console {
             ConsoleSink::Capture(buf) => {
                 if let Ok(mut b) = buf.lock() {
                     b.extend_from_slice(&escaped);
+                }
+            }
+            ConsoleSink::File(f) => {
+                if let Ok(mut f) = f.lock() {
+                    // A full disk must not take the domain down: the output is lost.
+                    let _ = f.write_all(&escaped);
                 }
             }
             ConsoleSink::Discard => {}

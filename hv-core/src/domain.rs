@@ -15,6 +15,8 @@ use thiserror::Error;
 use crate::boot::{self, BootError, StartInfoParams};
 use crate::coherence::HostPaging;
 use crate::console::{Console, ConsoleSink};
+use crate::devices::passthrough::{DomainRegions, PassthroughError};
+use crate::devices::{ConsoleSpec, DeviceError, DeviceSpec, Devices};
 use crate::evtchn::EventChannels;
 use crate::grant::Grants;
 use crate::loader::{KernelImage, LoadError};
@@ -67,6 +69,10 @@ pub struct DomainConfig {
     pub pt_pool_extra_frames: u64,
     /// Where console output goes.
     pub console: ConsoleSink,
+    /// Devices besides the PV console and the UART every domain has (SPEC §8.9).
+    pub devices: Vec<DeviceSpec>,
+    /// PV console options: an output file (replacing `console`), an input.
+    pub console_spec: ConsoleSpec,
 }
 
 impl Default for DomainConfig {
@@ -80,6 +86,8 @@ impl Default for DomainConfig {
             allow_user_hypercalls: false,
             pt_pool_extra_frames: DEFAULT_POOL_EXTRA_FRAMES,
             console: ConsoleSink::Stdout,
+            devices: Vec::new(),
+            console_spec: ConsoleSpec::default(),
         }
     }
 }
@@ -132,6 +140,12 @@ pub enum DomainError {
     /// The domain id is out of range.
     #[error("domain id {0} is out of range (0..{max})", max = MAX_DOMID)]
     BadDomainId(u32),
+    /// A device could not be set up.
+    #[error("{0}")]
+    Device(#[from] DeviceError),
+    /// A passthrough region could not be assigned or mapped.
+    #[error("{0}")]
+    Passthrough(#[from] PassthroughError),
 }
 
 /// Domain ids are below this (0x7FF0 and up are special ids such as `DOMID_SELF`).
@@ -149,7 +163,8 @@ impl DomainError {
                 | DomainError::BadDomainId(_)
                 | DomainError::Boot(BootError::CmdlineTooLong(_) | BootError::CmdlineNul)
                 | DomainError::Memory(MemoryError::BadSize(_))
-        )
+        ) || matches!(self, DomainError::Device(e) if e.is_user_error())
+            || matches!(self, DomainError::Passthrough(e) if e.is_user_error())
     }
 }
 
@@ -220,6 +235,8 @@ pub struct DomainShared {
     pub time: DomainTime,
     /// Grant tables.
     pub grants: Grants,
+    /// Devices: the device table and the back-ends.
+    pub devices: Devices,
     /// vCPUs sleeping in `SCHEDOP_BLOCK` or `SCHEDOP_POLL` right now.
     pub sleeping: AtomicU64,
     /// Threads currently running vCPUs, by index (for kicks).
@@ -390,6 +407,7 @@ impl DomainShared {
         for gpa in &changes.old_l1_targets {
             crate::coherence::forget_frame(&self.mem, *gpa);
             self.grants.forget_frame(*gpa);
+            self.devices.regions().forget_frame(*gpa);
         }
         if changes.upper {
             self.with_others_paused(me, || {
@@ -444,6 +462,8 @@ impl DomainShared {
     /// what it granted and what it mapped). Idempotent.
     pub fn destroy(&self) {
         self.request_stop();
+        // Back-ends first: they hold grants and ports of this domain.
+        self.devices.stop(self);
         if let Some(me) = self.registry.get(self.domid) {
             if std::ptr::eq(Arc::as_ptr(&me), self) {
                 self.registry.remove(self.domid);
@@ -539,16 +559,40 @@ impl Domain {
         image.check_abi(FEATURES)?;
         image.check_fits(config.mem_bytes)?;
 
-        let (pool_frames, _) = boot::pool_frames_for(config.mem_bytes, config.pt_pool_extra_frames);
+        let console_sink = crate::devices::console_sink(&config.console_spec, config.console)?;
+        let region_specs = DeviceSpec::regions(&config.devices);
+        let region_sizes: Vec<u64> = region_specs.iter().map(|r| r.size).collect();
+
+        let (pool_frames, _) = boot::pool_frames_for_regions(
+            config.mem_bytes,
+            config.pt_pool_extra_frames,
+            &region_sizes,
+        );
         let mem = DomainMemory::new(&config.name, config.mem_bytes, pool_frames)?;
         let first_free = image.load_into(&mem)?;
-        let bi = boot::build_page_tables(&mem)?;
+        let regions = DomainRegions::assign(
+            &registry.regions,
+            config.domid,
+            &region_specs,
+            mem.pool_end(),
+        )?;
+        let region_ranges = regions.ranges();
+        let devices = Devices::new(
+            &config.devices,
+            &config.console_spec,
+            &console_sink,
+            regions,
+        )?;
+        let bi = boot::build_page_tables_with(&mem, &region_ranges)?;
         let mut mmu = Mmu::new(Layout {
             phys_bits: crate::cpuid::phys_bits(&crate::cpuid::supported_cached(kvm)?),
             ram_frames: mem.ram_bytes() / hv_abi::PAGE_SIZE,
             pool_base: mem.pool_gpa(),
             pool_frames: mem.pool_frames(),
         });
+        for &(gpa, size) in &region_ranges {
+            mmu.add_data_range(gpa, size);
+        }
         // The boot tables are typed at entry: the root is pinned as L4 (SPEC 8.5.1).
         mmu.pin(&mut PoolAccess(&mem), 4, bi.pt_base)
             .map_err(DomainError::BootTables)?;
@@ -615,6 +659,7 @@ impl Domain {
         // the VM before its grant state).
         unsafe { vm.set_user_memory_region(window_region) }
             .map_err(kvm_err("set memory region"))?;
+        devices.regions().add_memslots(&vm)?;
 
         // The in-kernel irqchip must exist before the vCPUs.
         crate::upcall::create_irqchip(&vm)?;
@@ -658,7 +703,7 @@ impl Domain {
             features: FEATURES,
             allow_user_hypercalls: config.allow_user_hypercalls,
             nr_vcpus: config.vcpus,
-            console: Console::new(config.console),
+            console: Console::new(console_sink),
             stopping: AtomicBool::new(false),
             vcpu_states: Mutex::new(states),
             vcpu_cv: Condvar::new(),
@@ -673,9 +718,11 @@ impl Domain {
             upcall,
             time,
             grants,
+            devices,
             sleeping: AtomicU64::new(0),
             threads: Mutex::new(vec![None; config.vcpus as usize]),
         });
+        Devices::attach(&shared)?;
         if !registry.insert(shared.clone()) {
             return Err(DomainError::DomainIdTaken(shared.domid));
         }
@@ -699,6 +746,7 @@ impl Domain {
             tracing::info_span!("domain", name = %self.shared.name, domid = self.shared.domid);
         let _e = span.enter();
         vcpu::install_kick_handler()?;
+        self.shared.devices.start()?;
         let t0 = Instant::now();
         let mut rest = self.vcpus.split_off(1);
         let mut handles = Vec::new();

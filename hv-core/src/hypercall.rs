@@ -82,8 +82,7 @@ pub fn dispatch(
             let r = crate::grant::grant_table_op(dom, vcpu, call.cr3, a1, a2, a3, effects);
             coherent(dom, vcpu, r)
         }
-        // Until the device back-ends land (same change series).
-        Some(Op::DevOp) => ret(Err(Errno::ENOSYS)),
+        Some(Op::DevOp) => ret(crate::devices::dev_op(dom, a1, a2)),
         // Specified in ABI v1, implemented by later features.
         None => ret(Err(Errno::ENOSYS)),
     }

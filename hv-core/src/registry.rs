@@ -7,12 +7,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use crate::devices::passthrough::Regions;
 use crate::domain::DomainShared;
 
 /// The live domains, by id.
 #[derive(Debug, Default)]
 pub struct Registry {
     domains: RwLock<HashMap<u32, Arc<DomainShared>>>,
+    /// Which domain holds each passthrough region (exclusive assignment).
+    pub regions: Regions,
 }
 
 impl Registry {

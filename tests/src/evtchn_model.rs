@@ -14,6 +14,8 @@ pub const ESRCH: i64 = -3;
 pub const EEXIST: i64 = -17;
 /// `DOMID_SELF`.
 pub const DOMID_SELF: u32 = 0x7FF0;
+/// `DOMID_HV`: hv's own back-ends.
+pub const DOMID_HV: u32 = 0x7FF2;
 /// Ports in the 2-level ABI.
 pub const NR_PORTS: u32 = 4096;
 
@@ -51,10 +53,14 @@ pub struct Dom {
 
 impl Dom {
     fn new(vcpus: u32) -> Dom {
+        // Port 1 is the PV console's, bound to hv's back-end (SPEC 8.9.4): to the guest
+        // an interdomain port whose peer is `DOMID_HV`, port 0 (an unknown domain, so
+        // sends and closes touch no other domain).
+        let console = (State::Interdomain(DOMID_HV, 0), 0);
         Dom {
             alive: true,
             vcpus,
-            ports: BTreeMap::new(),
+            ports: BTreeMap::from([(1, console)]),
             pending: vec![false; NR_PORTS as usize],
             mask: vec![false; NR_PORTS as usize],
             upcall_pending: vec![false; vcpus as usize],
