@@ -5,9 +5,12 @@
 //! down is destroyed (its event channels and grants released) while the others go
 //! on; [`Hypervisor::run`] returns when all have ended, with a report for each.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use kvm_ioctls::Kvm;
+
+use crate::devices::passthrough::Regions;
 
 use crate::domain::{Domain, DomainConfig, DomainError, DomainReport, MAX_DOMID};
 use crate::loader::KernelImage;
@@ -75,6 +78,22 @@ impl Hypervisor {
         self.domains.iter().find(|d| d.shared().domid == domid)
     }
 
+    /// Which domain holds each passthrough region (the exclusive assignment).
+    pub fn regions(&self) -> &Regions {
+        &self.registry.regions
+    }
+
+    /// Detaches the passthrough region in file `path` from created domain `domid`: the
+    /// region leaves the domain's guest-physical space (a later access by the guest
+    /// crashes it), its device entry becomes `CLOSED`, and it can be assigned to
+    /// another domain. A region is also released when its domain dies.
+    pub fn detach_region(&self, domid: u32, path: &Path) -> Result<(), DomainError> {
+        let d = self.domain(domid).ok_or(DomainError::BadDomainId(domid))?;
+        let shared = d.shared();
+        shared.devices.detach_region(shared, path)?;
+        Ok(())
+    }
+
     /// Connects domains `a` and `b` with an interdomain event channel before they run,
     /// and tells each about the other on its command line:
     /// `evtchn.<peer name>=<local port> domid.<peer name>=<peer id>`.
@@ -134,6 +153,17 @@ impl Running {
     /// The running domains' shared state, in creation order.
     pub fn domains(&self) -> impl Iterator<Item = &Arc<crate::domain::DomainShared>> {
         self.domains.iter().map(|(d, _)| d)
+    }
+
+    /// Detaches the passthrough region in file `path` from running domain `domid` (see
+    /// [`Hypervisor::detach_region`]).
+    pub fn detach_region(&self, domid: u32, path: &Path) -> Result<(), DomainError> {
+        let shared = self
+            .domains()
+            .find(|d| d.domid == domid)
+            .ok_or(DomainError::BadDomainId(domid))?;
+        shared.devices.detach_region(shared, path)?;
+        Ok(())
     }
 
     /// Destroys every domain that is still running (outcome `Destroyed`).

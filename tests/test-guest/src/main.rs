@@ -19,6 +19,7 @@
 //! | `cpuid` | `cpuid_sig=`, `cpuid_max_leaf=0x..`, `cpuid_version=0x..`, `cpuid_features=0x..`, `cpuid_port=0x..` |
 //! | `vcpus` | `vcpu1 arg=42` (from vCPU 1), `vcpu1_is_up=`, `vcpu_up_again=`, `vcpu_bad=`, `vcpus ok` |
 //! | `cmdline` | `cmdline=<the whole command line>` |
+//! | `emu-blk`, `emu-errors`, `uart`, `pt` | emulated devices and passthrough (see `emu.rs`) |
 //! | anything else | `unknown scenario`, exit code 3 |
 //!
 //! A scenario meant to end the domain from the host side that comes back prints
@@ -26,6 +27,7 @@
 #![no_std]
 #![no_main]
 
+mod emu;
 mod evtchn;
 mod grant;
 mod mmu;
@@ -84,6 +86,10 @@ fn main(si: &'static StartInfo) -> ! {
         b"ring3-remap" => ring3_remap(si, 0),
         b"ring3-remap-l2" => ring3_remap(si, 1),
         b"cr3-bypass" => mmu::cr3_bypass(si),
+        b"emu-blk" => emu::emu_blk(si),
+        b"emu-errors" => emu::emu_errors(si),
+        b"uart" => emu::uart(),
+        b"pt" => emu::pt(si),
         b"cmdline" => {
             let mut c = Console::new();
             c.write_bytes(b"cmdline=");

@@ -1,0 +1,385 @@
+//! Hypervisor-emulated devices and passthrough regions on real KVM (SPEC 8.9): the
+//! emulated block device (data in the image after exit, every register error), the
+//! 16550 UART of a guest that prints through nothing else, and passthrough regions
+//! (data both ways with no exits, PV MMU rules, exclusivity, detach, reassignment).
+
+use std::path::{Path, PathBuf};
+
+use hv_core::devices::disk::DiskSpec;
+use hv_core::devices::passthrough::{region_gpas, RegionSpec};
+use hv_core::devices::DeviceSpec;
+use hv_core::domain::Domain;
+use hv_core::hypervisor::Hypervisor;
+use hv_core::loader::KernelImage;
+use hv_core::stats::ExitKind;
+use hv_core::{ConsoleSink, CrashReason, DomainConfig, Outcome};
+use tests::{kvm, kvm_available, scenario_with, GuestRun, TEST_GUEST};
+
+const EINVAL: i64 = 22;
+const EACCES: i64 = 13;
+const ERANGE: i64 = 34;
+const ERROR: i64 = 1 << 31;
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hv-emulated-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn expect(run: &GuestRun, pairs: &[(&str, i64)]) {
+    for (k, v) in pairs {
+        assert_eq!(run.int(k), *v, "{k}; console:\n{}", run.console);
+    }
+}
+
+fn assert_poweroff(run: &GuestRun) {
+    assert!(
+        matches!(run.report.outcome, Outcome::Poweroff { code: 0 }),
+        "expected poweroff 0, got {}; console:\n{}",
+        run.report.outcome,
+        run.console
+    );
+}
+
+fn emu(path: &Path, create_size: Option<u64>, readonly: bool) -> DeviceSpec {
+    DeviceSpec::EmuBlock(DiskSpec {
+        path: path.to_path_buf(),
+        create_size,
+        readonly,
+    })
+}
+
+fn region(path: &Path, size: u64) -> RegionSpec {
+    RegionSpec {
+        path: path.to_path_buf(),
+        size,
+        create: true,
+    }
+}
+
+fn with_devices(devices: Vec<DeviceSpec>) -> DomainConfig {
+    DomainConfig {
+        devices,
+        ..DomainConfig::default()
+    }
+}
+
+fn u32_at(bytes: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap())
+}
+
+fn u64_at(bytes: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap())
+}
+
+#[test]
+fn emulated_block_write_flush_read_and_the_image_after_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("blk");
+    let img = dir.join("emu.img");
+    let run = scenario_with(
+        "emu-blk",
+        "",
+        with_devices(vec![emu(&img, Some(64 << 10), false)]),
+    );
+    assert_poweroff(&run);
+    expect(
+        &run,
+        &[
+            ("emu_base", 0x410),
+            ("emu_sectors", 128),
+            ("emu_write_drq", 1),
+            ("emu_write", 0),
+            ("emu_flush", 0),
+            ("emu_read_drq", 1),
+            ("emu_read", 0),
+            ("emu_read_bad", 0),
+            ("emu_rep_drq", 1),
+            ("emu_rep", 0),
+            ("emu_rep_read", 0),
+            ("emu_rep_bad", 0),
+        ],
+    );
+    // Every register access is an exit handled by hv: at least the 512 dword accesses
+    // of sectors 1-2 (each `rep` is at least one more).
+    let pio = run.report.stats.exits_of(ExitKind::PortIo);
+    assert!(pio >= 512 + 2, "only {pio} port-I/O exits");
+    // The image holds exactly what the guest wrote, where it wrote it.
+    let raw = std::fs::read(&img).unwrap();
+    assert_eq!(raw.len(), 64 << 10);
+    for i in 0..256 {
+        assert_eq!(
+            u32_at(&raw, 512 + i * 4),
+            0xB10C_0000 | i as u32,
+            "dword {i}"
+        );
+    }
+    for i in 0..128 {
+        assert_eq!(
+            u32_at(&raw, 3 * 512 + i * 4),
+            0x5EC3_0000 | i as u32,
+            "rep dword {i}"
+        );
+    }
+    assert!(raw[..512].iter().all(|b| *b == 0));
+    assert!(raw[4 * 512..].iter().all(|b| *b == 0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn emulated_block_register_errors() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("errors");
+    let (img, ro) = (dir.join("rw.img"), dir.join("ro.img"));
+    std::fs::write(&ro, vec![0x5Au8; 4096]).unwrap();
+    let run = scenario_with(
+        "emu-errors",
+        "",
+        with_devices(vec![emu(&img, Some(16 << 10), false), emu(&ro, None, true)]),
+    );
+    assert_poweroff(&run);
+    let err = |e: i64| ERROR | e;
+    expect(
+        &run,
+        &[
+            ("err_range", err(ERANGE)),
+            ("err_range_hi", err(ERANGE)),
+            ("err_count0", err(EINVAL)),
+            ("err_count_big", err(EINVAL)),
+            ("err_data_idle", err(EINVAL)),
+            ("data_idle_value", 0xFFFF_FFFF),
+            ("err_data_dir", err(EINVAL)),
+            ("err_cmd", err(EINVAL)),
+            ("err_status_write", err(EINVAL)),
+            ("err_size", err(EINVAL)),
+            ("narrow_read", 0xFF),
+            ("err_ro", err(EACCES)),
+            ("recover", 0),
+        ],
+    );
+    // Nothing reached either image.
+    assert!(std::fs::read(&img).unwrap().iter().all(|b| *b == 0));
+    assert!(std::fs::read(&ro).unwrap().iter().all(|b| *b == 0x5A));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn uart_output_of_a_guest_without_pv_console() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario_with("uart", "", DomainConfig::default());
+    assert_poweroff(&run);
+    assert!(
+        run.console
+            .lines()
+            .any(|l| l == "uart: hello from a guest without PV drivers"),
+        "console:\n{}",
+        run.console
+    );
+    expect(
+        &run,
+        &[
+            ("uart_scratch", 0x5A),
+            ("uart_divisor", 1),
+            ("uart_lsr", 0x60),
+        ],
+    );
+    // Only the UART carried the text: no console hypercall at all.
+    assert_eq!(run.report.stats.op(hv_abi::Op::ConsoleIo).count, 0);
+    assert!(run.report.stats.exits_of(ExitKind::PortIo) > 50);
+}
+
+#[test]
+fn uart_output_goes_to_the_console_file() {
+    if !kvm_available() {
+        return;
+    }
+    // A domain whose console sink is a file gets its UART output there too.
+    let dir = scratch("uartfile");
+    let out = dir.join("console.txt");
+    let mut config = DomainConfig::default();
+    config.console_spec.output = Some(out.clone());
+    config.name = "uart-file".into();
+    config.cmdline = "scenario=uart".into();
+    let report = hv_core::domain::run_elf(&kvm(), config, TEST_GUEST).unwrap();
+    assert!(matches!(report.outcome, Outcome::Poweroff { code: 0 }));
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.contains("uart: hello from a guest without PV drivers\n"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const REGION: u64 = 64 << 10;
+const HOST_MARK: u64 = 0x4057_0000_0000_00AA;
+
+/// Checks what the `pt` scenario left in the region's file.
+fn check_region_file(path: &Path, mark: u64) {
+    let raw = std::fs::read(path).unwrap();
+    assert_eq!(raw.len() as u64, REGION);
+    assert_eq!(u64_at(&raw, 8), mark);
+    for p in 0..(REGION / 4096) as usize {
+        assert_eq!(u64_at(&raw, p * 4096 + 0x10), 0x9A6E_0000_0000 | p as u64);
+    }
+    for j in 0..256 {
+        assert_eq!(
+            u64_at(&raw, 4096 + 0x100 + j * 8),
+            0xC0DE_0000_0000 | j as u64
+        );
+    }
+    assert_eq!(u64_at(&raw, 2 * 4096 + 0x20), 0x3333_0000_0003);
+}
+
+#[test]
+fn passthrough_data_both_ways_without_exits() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pt");
+    let file = dir.join("region.bin");
+    // The host writes before the guest runs.
+    let mut init = vec![0u8; REGION as usize];
+    init[..8].copy_from_slice(&HOST_MARK.to_le_bytes());
+    std::fs::write(&file, &init).unwrap();
+    let run = scenario_with(
+        "pt",
+        "mark=7",
+        with_devices(vec![DeviceSpec::Passthrough(RegionSpec {
+            path: file.clone(),
+            size: REGION,
+            create: false,
+        })]),
+    );
+    assert_poweroff(&run);
+    let gpa = run.int("pt_gpa") as u64;
+    assert_eq!(gpa % (2 << 20), 0);
+    expect(
+        &run,
+        &[
+            ("pt_size", REGION as i64),
+            ("pt_state", 4),
+            ("pt_prev", 0),
+            ("pt_host", HOST_MARK as i64),
+            ("pt_seq_bad", 0),
+            // A region frame maps as data, never as a page table.
+            ("pt_map", 0),
+            ("pt_alias", 1),
+            ("pt_unmap", 0),
+            ("pt_pin", -EINVAL),
+            ("pt_l2", -EACCES),
+            // Ring 3 reaches it through the boot mapping.
+            ("pt_ring3", 1),
+            ("pt_ring3_vector", 6),
+        ],
+    );
+    // Hundreds of loads and stores, and not one of them left the guest.
+    let stats = &run.report.stats;
+    assert_eq!(stats.exits_of(ExitKind::Mmio), 0, "{stats}");
+    assert_eq!(stats.exits_of(ExitKind::PortIo), 0, "{stats}");
+    check_region_file(&file, 7);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn pt_domain(
+    name: &str,
+    domid: u32,
+    file: &Path,
+    mark: u64,
+) -> (DomainConfig, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let (sink, buf) = ConsoleSink::capture();
+    (
+        DomainConfig {
+            name: name.into(),
+            domid,
+            cmdline: format!("scenario=pt mark={mark}"),
+            console: sink,
+            devices: vec![DeviceSpec::Passthrough(region(file, REGION))],
+            ..DomainConfig::default()
+        },
+        buf,
+    )
+}
+
+fn text(buf: &std::sync::Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
+}
+
+#[test]
+fn passthrough_is_exclusive_and_detach_reassign_work() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("excl");
+    let file = dir.join("region.bin");
+    let image = KernelImage::from_elf(TEST_GUEST).unwrap();
+    let mut hv = Hypervisor::new(kvm());
+    let registry = hv.registry().clone();
+
+    // a holds the region; b cannot have it meanwhile.
+    let (ca, buf_a) = pt_domain("a", 1, &file, 1);
+    hv.create_domain(ca, &image).unwrap();
+    assert_eq!(hv.regions().owner(&file), Some(1));
+    let a_gpa = region_gpas(hv.domain(1).unwrap().shared().mem.pool_end(), &[REGION])[0];
+    let (cb, buf_b) = pt_domain("b", 2, &file, 2);
+    let e = hv.create_domain(cb.clone(), &image).unwrap_err();
+    assert!(
+        e.to_string().contains("is already assigned to domain 1"),
+        "{e}"
+    );
+    assert!(e.is_user_error());
+    assert!(hv.domain(2).is_none());
+
+    // Detached from a, the region can go to b.
+    hv.detach_region(1, &file).unwrap();
+    assert_eq!(hv.regions().owner(&file), None);
+    assert!(hv.detach_region(1, &file).is_err());
+    hv.create_domain(cb, &image).unwrap();
+    assert_eq!(hv.regions().owner(&file), Some(2));
+
+    let results = hv.run();
+    // a's region is gone from its guest-physical space: its first access is an exit
+    // to hv for memory no one has, and a dies of it.
+    let ra = results[0].report.as_ref().unwrap();
+    match &ra.outcome {
+        Outcome::Crash(c) => match &c.reason {
+            // The scenario's first access: the u64 at offset 8.
+            CrashReason::UnknownMmio { gpa, .. } => assert_eq!(*gpa, a_gpa + 8),
+            other => panic!("a crashed of {other}; console:\n{}", text(&buf_a)),
+        },
+        other => panic!("a ended with {other}; console:\n{}", text(&buf_a)),
+    }
+    let rb = results[1].report.as_ref().unwrap();
+    assert!(
+        matches!(rb.outcome, Outcome::Poweroff { code: 0 }),
+        "b: {}; console:\n{}",
+        rb.outcome,
+        text(&buf_b)
+    );
+    assert!(text(&buf_b).contains("pt_prev=0x0 "), "{}", text(&buf_b));
+    check_region_file(&file, 2);
+
+    // b is dead: the region was released with it and goes to c, with b's data.
+    assert_eq!(registry.regions.owner(&file), None);
+    let (cc, buf_c) = pt_domain("c", 3, &file, 3);
+    let rc = Domain::create_in(&kvm(), &registry, cc, &image)
+        .unwrap()
+        .run()
+        .unwrap();
+    assert!(
+        matches!(rc.outcome, Outcome::Poweroff { code: 0 }),
+        "c: {}; console:\n{}",
+        rc.outcome,
+        text(&buf_c)
+    );
+    assert!(text(&buf_c).contains("pt_prev=0x2 "), "{}", text(&buf_c));
+    check_region_file(&file, 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
