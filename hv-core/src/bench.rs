@@ -16,7 +16,14 @@
 //! | `grant_copy_4k` | GB/s of batched 4 KiB `GNTTABOP_COPY` operations, host side ([`grant`]) | `memcpy_4k` |
 //! | `grant_map_unmap` | us per grant map + unmap pair, host side ([`grant`]) | - |
 //! | `density` | rows `density_*`: N idle demo domains ([`crate::density`]) | - |
+//! | `blk_host_seq_write` | MB/s of the host writing 1 MiB to an image file in 44 KiB `pwrite`s ([`blk`]) | - |
+//! | `blk_passthrough_seq_write` | MB/s of a guest's ring-3 loop writing 1 MiB into a passthrough region ([`blk`]) | `blk_host_seq_write` |
+//! | `blk_pv_seq_write` | the same 1 MiB written through the PV block device from ring 3 ([`blk`]) | `blk_passthrough_seq_write` |
+//! | `blk_emulated_seq_write` | the same 1 MiB written through the emulated block device from ring 3 ([`blk`]) | `blk_pv_seq_write` |
+//! | `blk_host_4k_iops` | 4 KiB `pwrite`s per second on the host ([`blk`]) | - |
+//! | `blk_pv_4k_iops` | 4 KiB PV block writes per second, one in flight, from ring 3 ([`blk`]) | `blk_host_4k_iops` |
 
+pub mod blk;
 pub mod evtchn;
 pub mod grant;
 pub mod irq_floor;
@@ -41,7 +48,7 @@ use crate::outcome::Outcome;
 pub const BENCH_MEM: u64 = 64 << 20;
 
 /// Names of all benchmarks, in run order (`density` stands for its `density_*` rows).
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 19] = [
     "exit_floor",
     "null_hypercall",
     "kvm_create_floor",
@@ -54,6 +61,12 @@ pub const ALL: [&str; 13] = [
     "memcpy_4k",
     "grant_copy_4k",
     "grant_map_unmap",
+    "blk_host_seq_write",
+    "blk_passthrough_seq_write",
+    "blk_pv_seq_write",
+    "blk_emulated_seq_write",
+    "blk_host_4k_iops",
+    "blk_pv_4k_iops",
     "density",
 ];
 
@@ -250,8 +263,65 @@ pub fn run_with(names: &[String], opts: &BenchOptions) -> Result<Vec<BenchResult
             .collect::<Result<Vec<_>, _>>()?;
         out.push(row("grant_map_unmap", median(v), "us", None));
     }
+    out.extend(blk_rows(&want)?);
     if want("density") {
         out.extend(density_rows(kvm, opts.density_domains)?);
+    }
+    Ok(out)
+}
+
+/// The block rows that `want` asks for, each beside its floor: a chain
+/// host → passthrough → PV → emulated for sequential writes, and host → PV for 4 KiB
+/// IOPS. Repetitions are interleaved; medians are reported.
+fn blk_rows(want: &dyn Fn(&str) -> bool) -> Result<Vec<BenchResult>, BenchError> {
+    use blk::Model;
+    type Once = Box<dyn Fn() -> Result<f64, BenchError>>;
+    let seq: [(&str, Once); 4] = [
+        ("blk_host_seq_write", Box::new(blk::host_seq_write_once)),
+        (
+            "blk_passthrough_seq_write",
+            Box::new(|| blk::seq_write_once(Model::Passthrough)),
+        ),
+        (
+            "blk_pv_seq_write",
+            Box::new(|| blk::seq_write_once(Model::Pv)),
+        ),
+        (
+            "blk_emulated_seq_write",
+            Box::new(|| blk::seq_write_once(Model::Emulated)),
+        ),
+    ];
+    let iops: [(&str, Once); 2] = [
+        ("blk_host_4k_iops", Box::new(blk::host_4k_iops_once)),
+        ("blk_pv_4k_iops", Box::new(blk::pv_4k_iops_once)),
+    ];
+    let mut out = Vec::new();
+    for (chain, unit) in [(&seq[..], "MB/s"), (&iops[..], "IOPS")] {
+        // A row is run if wanted or if the next one in the chain (its dependant) is.
+        let run: Vec<bool> = (0..chain.len())
+            .map(|i| want(chain[i].0) || chain.get(i + 1).is_some_and(|n| want(n.0)))
+            .collect();
+        if !run.iter().any(|r| *r) {
+            continue;
+        }
+        let mut values = vec![Vec::new(); chain.len()];
+        for _ in 0..blk::REPS {
+            for (i, (_, once)) in chain.iter().enumerate() {
+                if run[i] {
+                    values[i].push(once()?);
+                }
+            }
+        }
+        let medians: Vec<f64> = values.into_iter().map(median).collect();
+        for (i, (name, _)) in chain.iter().enumerate() {
+            if want(name) {
+                let floor = i
+                    .checked_sub(1)
+                    .filter(|p| run[*p])
+                    .map(|p| (chain[p].0, medians[p]));
+                out.push(row(name, medians[i], unit, floor));
+            }
+        }
     }
     Ok(out)
 }
