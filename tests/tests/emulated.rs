@@ -383,3 +383,59 @@ fn passthrough_is_exclusive_and_detach_reassign_work() {
     check_region_file(&file, 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn passthrough_detach_from_a_running_domain() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("live");
+    let file = dir.join("region.bin");
+    let image = KernelImage::from_elf(TEST_GUEST).unwrap();
+    let mut hv = Hypervisor::new(kvm());
+    let registry = hv.registry().clone();
+    let (mut config, buf) = pt_domain("spin", 1, &file, 0);
+    config.cmdline = "scenario=pt-spin".into();
+    hv.create_domain(config, &image).unwrap();
+    let gpa = region_gpas(hv.domain(1).unwrap().shared().mem.pool_end(), &[REGION])[0];
+    let running = hv.start();
+    // Wait (bounded) until the guest runs and has written to the region.
+    let mut ready = false;
+    for _ in 0..20_000 {
+        let raw = std::fs::read(&file).unwrap();
+        if u64_at(&raw, 8) == 0x5EAD_4EAD_0000_0001 {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(
+        ready,
+        "the guest never wrote its region; console:\n{}",
+        text(&buf)
+    );
+    assert_eq!(registry.regions.owner(&file), Some(1));
+    running.detach_region(1, &file).unwrap();
+    assert_eq!(registry.regions.owner(&file), None);
+    assert!(running.detach_region(1, &file).is_err());
+    let dom = running.domains().next().unwrap().clone();
+    let results = running.wait();
+    let r = results[0].report.as_ref().unwrap();
+    match &r.outcome {
+        Outcome::Crash(c) => match &c.reason {
+            CrashReason::UnknownMmio { gpa: g, .. } => assert_eq!(*g, gpa + 0x18),
+            other => panic!("crashed of {other}; console:\n{}", text(&buf)),
+        },
+        other => panic!("ended with {other}; console:\n{}", text(&buf)),
+    }
+    // The device table tells the guest the region is closed.
+    let entry = dom
+        .devices
+        .entries()
+        .into_iter()
+        .find(|e| e.kind == hv_abi::device::DEV_PASSTHROUGH)
+        .unwrap();
+    assert_eq!(entry.base, gpa);
+    assert_eq!(entry.state, hv_abi::device::STATE_CLOSED);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

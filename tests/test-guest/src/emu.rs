@@ -6,6 +6,7 @@
 //! | `emu-blk` | writes sectors 1-2 dword by dword and sector 3 with `rep outsd`, flushes, reads them back (`rep insd` for sector 3): `emu_write_drq=`, `emu_write=`, `emu_flush=`, `emu_read=`, `emu_read_bad=`, `emu_rep=`, `emu_rep_bad=` (statuses in hex) |
 //! | `emu-errors` | every register error: `err_range=`, `err_range_hi=`, `err_count0=`, `err_count_big=`, `err_data_idle=`, `data_idle_value=`, `err_data_dir=`, `err_cmd=`, `err_status_write=`, `err_size=`, `narrow_read=`, `err_ro=`, `recover=` |
 //! | `uart` | prints only through the 16550 at 0x3F8 (no console hypercall): `uart: hello from a guest without PV drivers`, `uart_scratch=`, `uart_divisor=`, `uart_lsr=` |
+//! | `pt-spin` | writes `PT_READY` at offset 8 of its region, then reads offset 0x18 in a loop until the host detaches the region (the read crashes the domain); prints `pt-spin: still mapped` and exits 1 if that never happens |
 //! | `pt` | passthrough region: `pt_gpa=`, `pt_size=`, `pt_prev=` (the u64 at offset 8 before this run), `pt_host=` (offset 0, written by the host), writes `mark=N` at offset 8 and a pattern, `pt_alias=`, `pt_pin=`, `pt_l2=`, `pt_ring3=` |
 //!
 //! The emulated block device used is the first of the device table (`emu-errors`: the
@@ -407,4 +408,21 @@ pub fn pt(si: &StartInfo) -> ! {
         exit.vector
     );
     poweroff(0)
+}
+
+/// What `pt-spin` writes at offset 8 once it runs.
+const PT_READY: u64 = 0x5EAD_4EAD_0000_0001;
+
+pub fn pt_spin(si: &StartInfo) -> ! {
+    let Some(d) = device(si, DEV_PASSTHROUGH, 0) else {
+        println!("pt: no passthrough region");
+        poweroff(2)
+    };
+    wr(d.base + MARK_OFF, PT_READY);
+    // About 10 us per iteration in emulated ring 0: many seconds in all.
+    for _ in 0..2_000_000u32 {
+        let _ = rd(d.base + 0x18);
+    }
+    println!("pt-spin: still mapped");
+    poweroff(1)
 }

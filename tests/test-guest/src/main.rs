@@ -19,7 +19,7 @@
 //! | `cpuid` | `cpuid_sig=`, `cpuid_max_leaf=0x..`, `cpuid_version=0x..`, `cpuid_features=0x..`, `cpuid_port=0x..` |
 //! | `vcpus` | `vcpu1 arg=42` (from vCPU 1), `vcpu1_is_up=`, `vcpu_up_again=`, `vcpu_bad=`, `vcpus ok` |
 //! | `cmdline` | `cmdline=<the whole command line>` |
-//! | `emu-blk`, `emu-errors`, `uart`, `pt` | emulated devices and passthrough (see `emu.rs`) |
+//! | `emu-blk`, `emu-errors`, `uart`, `pt`, `pt-spin` | emulated devices and passthrough (see `emu.rs`) |
 //! | anything else | `unknown scenario`, exit code 3 |
 //!
 //! A scenario meant to end the domain from the host side that comes back prints
@@ -90,6 +90,7 @@ fn main(si: &'static StartInfo) -> ! {
         b"emu-errors" => emu::emu_errors(si),
         b"uart" => emu::uart(),
         b"pt" => emu::pt(si),
+        b"pt-spin" => emu::pt_spin(si),
         b"cmdline" => {
             let mut c = Console::new();
             c.write_bytes(b"cmdline=");
