@@ -9,12 +9,21 @@
 //!   domains show event channels, upcalls, grant tables and the timer
 //!   ([`pingpong`]); these roles check the `evtchn`, `timer` and `gnttab` features
 //!   at run time (the ELF note requires only what every role needs);
-//! * `role=idle`: sleep forever (for the density benchmark).
+//! * `role=idle`: sleep forever (for the density benchmark);
+//! * `role=devices` / `role=devices-direct`: one block workload on the PV console and
+//!   PV block device, and on the emulated block device and a passthrough region
+//!   ([`devices`]); `role=blkbench dev=pv|emu|pt bytes=N`: the guest half of the
+//!   block benchmarks ([`blkbench`]);
+//! * `console=uart`: print through the 16550 UART from the very start (the SDK
+//!   switches before the ABI check); `console=pv`: print through the PV console ring.
 #![no_std]
 #![no_main]
 
+mod blkbench;
+mod devices;
 mod pingpong;
 mod pv_mmu;
+mod ring3;
 
 use guest_sdk::hv_abi::start_info::StartInfo;
 use guest_sdk::{cmdline, println, Features, ABI_MAJOR, ABI_MINOR};
@@ -60,7 +69,18 @@ fn main(si: &'static StartInfo) -> ! {
         Some(b"idle") => idle(),
         Some(b"ping") => pingpong::run(si, pingpong::Role::Ping),
         Some(b"pong") => pingpong::run(si, pingpong::Role::Pong),
+        Some(b"devices") => devices::run_pv(si),
+        Some(b"devices-direct") => devices::run_direct(si),
+        Some(b"blkbench") => blkbench::run(si),
         _ => {}
+    }
+    if cmdline::value(cmd, b"console") == Some(b"pv") {
+        match guest_sdk::pvconsole::PvConsole::from_start_info(si) {
+            Some(c) => guest_sdk::console::use_pv_console(c),
+            None => {
+                println!("demo: console=pv: no PV console; printing with the console hypercall")
+            }
+        }
     }
     println!("hv demo kernel: hello from a paravirtual guest");
     println!(
