@@ -156,8 +156,11 @@ fn emulated_block_register_errors() {
             ("data_idle_value", 0xFFFF_FFFF),
             ("err_data_dir", err(EINVAL)),
             ("err_cmd", err(EINVAL)),
-            ("err_status_write", err(EINVAL)),
-            ("err_size", err(EINVAL)),
+            // Ignored accesses: STATUS keeps the last command's error, a 16-bit write
+            // leaves COUNT at 1, write-only registers and narrow reads are all ones.
+            ("status_write_ignored", err(EINVAL)),
+            ("narrow_write_ignored", 1),
+            ("write_only_read", 0xFFFF_FFFF),
             ("narrow_read", 0xFF),
             ("err_ro", err(EACCES)),
             ("recover", 0),

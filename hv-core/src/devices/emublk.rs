@@ -11,17 +11,18 @@
 //! Errors set `STATUS` = `ERROR | errno` until the next command, and end any data
 //! phase (its data is dropped):
 //! - `EINVAL`: a count of 0 or more than [`EMU_BLOCK_MAX_COUNT`], an unknown command,
-//!   a `DATA` access outside a data phase or in the wrong direction, a write to
-//!   `STATUS`, a write of another size than 4 bytes or not at a register's offset;
+//!   a `DATA` access outside a data phase, in the wrong direction, or larger than what
+//!   is left of the transfer;
 //! - `ERANGE`: sectors beyond the end of the disk;
 //! - `EACCES`: a write command to a read-only disk;
 //! - `EIO`: the host's I/O failed.
 //!
-//! Reads of another size than 4 bytes, or not at a register's offset, return all ones
-//! and change nothing. `SECTOR_LO`, `SECTOR_HI`, `COUNT` and `COMMAND` read back the
-//! last value written. A new command ends the data phase of the previous one.
-//! `DATA` also takes string I/O (`rep insd` / `rep outsd`): an access of 4·n bytes is
-//! n dword accesses.
+//! Ignored (SPEC 8.9.6): an access of another size than 4 bytes or not at a register's
+//! offset (a read returns all ones), a write to `STATUS`, a read of a write-only
+//! register (`SECTOR_LO`, `SECTOR_HI`, `COUNT`, `COMMAND`: all ones). A new command
+//! ends the data phase of the previous one. `DATA` also takes string I/O
+//! (`rep insd` / `rep outsd`, which KVM may hand over several dwords at a time): an
+//! access of 4·n bytes is n dword accesses.
 
 use std::sync::{Arc, Mutex};
 
@@ -55,7 +56,6 @@ struct State {
     sector_lo: u32,
     sector_hi: u32,
     count: u32,
-    command: u32,
     status: u32,
     phase: Phase,
 }
@@ -90,7 +90,6 @@ impl EmuBlock {
                 sector_lo: 0,
                 sector_hi: 0,
                 count: 0,
-                command: 0,
                 status: EMU_STATUS_READY,
                 phase: Phase::Idle,
             }),
@@ -140,44 +139,36 @@ impl EmuBlock {
 
     /// A guest `in` from `port` into `data` (its length is the access size).
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
-        let Some(reg) = self.reg(port, data.len()) else {
-            tracing::debug!(port, len = data.len(), "emulated block: bad read access");
-            data.fill(0xFF);
-            return;
-        };
-        let mut st = self.lock();
-        let v = match reg {
-            EmuBlockReg::SectorLo => st.sector_lo,
-            EmuBlockReg::SectorHi => st.sector_hi,
-            EmuBlockReg::Count => st.count,
-            EmuBlockReg::Command => st.command,
-            EmuBlockReg::Status => st.status,
-            EmuBlockReg::Data => {
-                st.read_data(data);
-                return;
+        let reg = self.reg(port, data.len());
+        match reg {
+            Some(EmuBlockReg::Status) => {
+                let v = self.lock().status;
+                data.copy_from_slice(&v.to_le_bytes());
             }
-        };
-        data.copy_from_slice(&v.to_le_bytes());
+            Some(EmuBlockReg::Data) => self.lock().read_data(data),
+            _ => {
+                if reg.is_none() {
+                    tracing::debug!(port, len = data.len(), "emulated block: bad read ignored");
+                }
+                data.fill(0xFF);
+            }
+        }
     }
 
     /// A guest `out` of `data` to `port`.
     pub fn pio_write(&self, port: u16, data: &[u8]) {
-        let mut st = self.lock();
         let Some(reg) = self.reg(port, data.len()) else {
-            tracing::debug!(port, len = data.len(), "emulated block: bad write access");
-            st.fail(Errno::EINVAL);
+            tracing::debug!(port, len = data.len(), "emulated block: bad write ignored");
             return;
         };
+        let mut st = self.lock();
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         match reg {
             EmuBlockReg::SectorLo => st.sector_lo = v,
             EmuBlockReg::SectorHi => st.sector_hi = v,
             EmuBlockReg::Count => st.count = v,
-            EmuBlockReg::Command => {
-                st.command = v;
-                self.command(&mut st, v);
-            }
-            EmuBlockReg::Status => st.fail(Errno::EINVAL),
+            EmuBlockReg::Command => self.command(&mut st, v),
+            EmuBlockReg::Status => {}
             EmuBlockReg::Data => {
                 if let Some(sector) = st.write_data(data) {
                     let r = match &st.phase {
@@ -380,30 +371,34 @@ mod tests {
         out(&d, 0x14, 5);
         assert_eq!(inl(&d, 0x10), err(Errno::EINVAL));
         assert_eq!(inl(&d, 0x14), u32::MAX);
-        // Bad sizes and offsets: reads are all ones, writes fail.
+        // Bad sizes and offsets, STATUS writes: ignored; reads are all ones.
+        assert_eq!(cmd(&d, 0, 0, EMU_CMD_FLUSH), EMU_STATUS_READY);
         let mut b = [0u8; 1];
         d.pio_read(B + 0x10, &mut b);
         assert_eq!(b, [0xFF]);
         let mut w = [0u8; 4];
         d.pio_read(B + 0x11, &mut w);
         assert_eq!(w, [0xFF; 4]);
-        assert_eq!(cmd(&d, 0, 1, EMU_CMD_WRITE), EMU_STATUS_DRQ);
+        out(&d, 0x10, 0x1234);
+        assert_eq!(inl(&d, 0x10), EMU_STATUS_READY);
+        out(&d, 8, 1);
+        d.pio_write(B + 0x08, &[0, 0]);
+        d.pio_write(B + 0x0A, &[0, 0]);
+        out(&d, 0xC, EMU_CMD_WRITE);
+        assert_eq!(inl(&d, 0x10), EMU_STATUS_DRQ);
         d.pio_write(B + 0x14, &[1, 2]);
-        assert_eq!(inl(&d, 0x10), err(Errno::EINVAL));
-        out(&d, 0x10, 0);
-        assert_eq!(inl(&d, 0x10), err(Errno::EINVAL));
-        d.pio_write(B + 0x0A, &[1, 2]);
-        assert_eq!(inl(&d, 0x10), err(Errno::EINVAL));
+        assert_eq!(inl(&d, 0x10), EMU_STATUS_DRQ);
+        // Write-only registers read as all ones.
+        for off in [0, 4, 8, 0xC] {
+            assert_eq!(inl(&d, off), u32::MAX);
+        }
         // Too much string I/O for what is left: refused whole.
         assert_eq!(cmd(&d, 0, 1, EMU_CMD_READ), EMU_STATUS_DRQ);
         let mut big = vec![0u8; 516];
         d.pio_read(B + 0x14, &mut big);
         assert_eq!(inl(&d, 0x10), err(Errno::EINVAL));
-        // Registers read back; a good command clears the error.
-        out(&d, 8, 77);
-        assert_eq!(inl(&d, 8), 77);
+        // A good command clears the error.
         assert_eq!(cmd(&d, 7, 1, EMU_CMD_READ), EMU_STATUS_DRQ);
-        assert_eq!(inl(&d, 0xC), EMU_CMD_READ);
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -4,7 +4,7 @@
 //! | scenario | what it does |
 //! | --- | --- |
 //! | `emu-blk` | writes sectors 1-2 dword by dword and sector 3 with `rep outsd`, flushes, reads them back (`rep insd` for sector 3): `emu_write_drq=`, `emu_write=`, `emu_flush=`, `emu_read=`, `emu_read_bad=`, `emu_rep=`, `emu_rep_bad=` (statuses in hex) |
-//! | `emu-errors` | every register error: `err_range=`, `err_range_hi=`, `err_count0=`, `err_count_big=`, `err_data_idle=`, `data_idle_value=`, `err_data_dir=`, `err_cmd=`, `err_status_write=`, `err_size=`, `narrow_read=`, `err_ro=`, `recover=` |
+//! | `emu-errors` | every register error: `err_range=`, `err_range_hi=`, `err_count0=`, `err_count_big=`, `err_data_idle=`, `data_idle_value=`, `err_data_dir=`, `err_cmd=`, `err_ro=`, `recover=`; ignored accesses: `status_write_ignored=` (the error stays), `narrow_write_ignored=`, `write_only_read=`, `narrow_read=` |
 //! | `uart` | prints only through the 16550 at 0x3F8 (no console hypercall): `uart: hello from a guest without PV drivers`, `uart_scratch=`, `uart_divisor=`, `uart_lsr=` |
 //! | `pt-spin` | writes `PT_READY` at offset 8 of its region, then reads offset 0x18 in a loop until the host detaches the region (the read crashes the domain); prints `pt-spin: still mapped` and exits 1 if that never happens |
 //! | `pt` | passthrough region: `pt_gpa=`, `pt_size=`, `pt_prev=` (the u64 at offset 8 before this run), `pt_host=` (offset 0, written by the host), writes `mark=N` at offset 8 and a pattern, `pt_alias=`, `pt_pin=`, `pt_l2=`, `pt_ring3=` |
@@ -182,12 +182,15 @@ pub fn emu_errors(si: &StartInfo) -> ! {
     b.out(EmuBlockReg::Data, 1);
     let data_dir = b.status();
     let cmd = b.cmd(0, 1, 7);
-    let _ = b.cmd(0, 0, EMU_CMD_FLUSH);
+    // Ignored: a write to STATUS, a 16-bit write (COUNT stays 1, so the read below
+    // starts), reads of write-only registers and of the wrong size (all ones).
     b.out(EmuBlockReg::Status, 0);
     let status_write = b.status();
-    let _ = b.cmd(0, 0, EMU_CMD_FLUSH);
-    outw(b.port(EmuBlockReg::Count), 1);
-    let size = b.status();
+    b.out(EmuBlockReg::Count, 1);
+    outw(b.port(EmuBlockReg::Count), 0);
+    b.out(EmuBlockReg::Command, EMU_CMD_READ);
+    let narrow_write = b.status();
+    let write_only = b.inp(EmuBlockReg::SectorLo);
     // SAFETY: a byte read of the device's STATUS port.
     let narrow = unsafe { arch::inb(b.port(EmuBlockReg::Status)) };
     let ro = match device(si, DEV_EMU_BLOCK, 1) {
@@ -205,7 +208,8 @@ pub fn emu_errors(si: &StartInfo) -> ! {
     println!(
         "err_data_idle={data_idle:#x} data_idle_value={idle_value:#x} err_data_dir={data_dir:#x}"
     );
-    println!("err_cmd={cmd:#x} err_status_write={status_write:#x} err_size={size:#x}");
+    println!("err_cmd={cmd:#x} status_write_ignored={status_write:#x}");
+    println!("narrow_write_ignored={narrow_write:#x} write_only_read={write_only:#x}");
     println!("narrow_read={narrow:#x} err_ro={ro:#x} recover={recover:#x}");
     poweroff(0)
 }
