@@ -37,7 +37,10 @@ pub const FEATURES: Features = Features(
         | Features::PV_MMU.bits()
         | Features::EVTCHN.bits()
         | Features::TIMER.bits()
-        | Features::GNTTAB.bits(),
+        | Features::GNTTAB.bits()
+        | Features::PV_CONSOLE.bits()
+        | Features::PV_BLOCK.bits()
+        | Features::DEV_OP.bits(),
 );
 
 /// Default RAM size.

@@ -74,8 +74,9 @@ pub struct OpStat {
     pub total_ns: u64,
 }
 
-/// Number of hypercall buckets: one per op number below 64; bucket 0 is "unknown".
-pub const OP_BUCKETS: usize = 64;
+/// Number of hypercall buckets: one per op number up to 64 (`dev_op`); bucket 0 is
+/// "unknown".
+pub const OP_BUCKETS: usize = 65;
 
 /// Exit statistics of one vCPU or a whole domain.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,7 +106,7 @@ impl ExitStats {
     /// Counts one hypercall.
     #[inline]
     pub fn hypercall(&mut self, op: u64, ok: bool, ns: u64) {
-        let b = if Op::from_u64(op).is_some() {
+        let b = if Op::from_u64(op).is_some() && op < OP_BUCKETS as u64 {
             op as usize
         } else {
             0

@@ -20,6 +20,7 @@
 //! | `vcpus` | `vcpu1 arg=42` (from vCPU 1), `vcpu1_is_up=`, `vcpu_up_again=`, `vcpu_bad=`, `vcpus ok` |
 //! | `cmdline` | `cmdline=<the whole command line>` |
 //! | `emu-blk`, `emu-errors`, `uart`, `pt`, `pt-spin` | emulated devices and passthrough (see `emu.rs`) |
+//! | `blk`, `blk-overflow`, `blk-flush`, `pvcons` | PV block and PV console back-ends (see `blk.rs`) |
 //! | anything else | `unknown scenario`, exit code 3 |
 //!
 //! A scenario meant to end the domain from the host side that comes back prints
@@ -27,6 +28,7 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod emu;
 mod evtchn;
 mod grant;
@@ -86,6 +88,10 @@ fn main(si: &'static StartInfo) -> ! {
         b"ring3-remap" => ring3_remap(si, 0),
         b"ring3-remap-l2" => ring3_remap(si, 1),
         b"cr3-bypass" => mmu::cr3_bypass(si),
+        b"blk" => blk::blk(si),
+        b"blk-overflow" => blk::overflow(si),
+        b"blk-flush" => blk::flush(si),
+        b"pvcons" => blk::pvcons(si),
         b"emu-blk" => emu::emu_blk(si),
         b"emu-errors" => emu::emu_errors(si),
         b"uart" => emu::uart(),
