@@ -10,8 +10,6 @@
 
 use core::cell::UnsafeCell;
 
-use hv_abi::layout::TSS_GPA;
-
 use crate::arch::{self, DescriptorTablePointer, IdtEntry};
 
 /// Why ring 3 stopped.
@@ -159,11 +157,13 @@ impl Default for Idt {
 }
 
 /// Loads `idt` with the 32 exception vectors leading back to [`run_user`]'s caller and
-/// sets the boot TSS's RSP0 to `exception_stack_top` (16-byte aligned).
+/// sets the loaded TSS's RSP0 (the boot TSS, or the SDK's own after
+/// [`allow_user_ports`] switched to it) to `exception_stack_top` (16-byte aligned).
 ///
 /// # Safety
 /// `idt` must not be in use; the exception stack must be reserved for exceptions; the
-/// boot TSS (at `layout::TSS_GPA`) must be the loaded TSS and mapped writable.
+/// kernel must run on the boot GDT, whose TSS slot describes the loaded TSS (the boot
+/// TSS at `layout::TSS_GPA`, or the SDK's), mapped writable.
 pub unsafe fn install(idt: &'static Idt, exception_stack_top: u64) {
     // SAFETY: the caller guarantees the IDT is not in use; the table of stub
     // addresses is static data emitted above.
@@ -173,7 +173,7 @@ pub unsafe fn install(idt: &'static Idt, exception_stack_top: u64) {
         for (v, stub) in stubs.iter().enumerate() {
             t[v] = IdtEntry::interrupt_gate(*stub, 0);
         }
-        core::ptr::write_unaligned((TSS_GPA + 4) as *mut u64, exception_stack_top);
+        core::ptr::write_unaligned((current_tss().0 + 4) as *mut u64, exception_stack_top);
         let idtr = DescriptorTablePointer {
             limit: (core::mem::size_of::<[IdtEntry; 256]>() - 1) as u16,
             base: crate::virt_to_phys(idt.0.get()),
@@ -198,8 +198,98 @@ pub unsafe fn run_user(rip: u64, rsp: u64) -> UserExit {
     }
 }
 
-/// Ports that [`allow_user_ports`] could not open to ring 3: the boot TSS's I/O
-/// permission bitmap does not reach them.
+/// Ports the SDK's own TSS covers ([`allow_user_ports`]): `0..SDK_TSS_PORTS`.
+pub const SDK_TSS_PORTS: u32 = 0x800;
+/// Size of the 64-bit TSS proper; the I/O permission bitmap follows it.
+const TSS_BASE_BYTES: usize = 104;
+/// The SDK's TSS: the TSS proper, a bitmap for [`SDK_TSS_PORTS`] ports, and the byte
+/// of ones the CPU may read past the last port.
+const SDK_TSS_BYTES: usize = TSS_BASE_BYTES + SDK_TSS_PORTS as usize / 8 + 1;
+
+#[repr(C, align(16))]
+struct SdkTss(UnsafeCell<[u8; SDK_TSS_BYTES]>);
+// SAFETY: written once by `switch_tss` on vCPU 0 before it is loaded; the CPU reads it
+// afterwards (single-vCPU use, as the rest of this module).
+unsafe impl Sync for SdkTss {}
+static SDK_TSS: SdkTss = SdkTss(UnsafeCell::new([0; SDK_TSS_BYTES]));
+
+/// The base and limit the boot GDT's TSS descriptor gives (the loaded TSS as long as
+/// the kernel runs on the boot GDT).
+fn current_tss() -> (u64, u64) {
+    use hv_abi::layout::{GDT_GPA, SEL_TSS};
+    let at = GDT_GPA + u64::from(SEL_TSS);
+    // SAFETY: the boot GDT is identity-mapped RAM (SPEC §4); the two 8-byte halves of
+    // the TSS descriptor are plain reads.
+    let (lo, hi) = unsafe {
+        (
+            core::ptr::read_volatile(at as *const u64),
+            core::ptr::read_volatile((at + 8) as *const u64),
+        )
+    };
+    let base = (lo >> 16) & 0xFF_FFFF | ((lo >> 56) & 0xFF) << 24 | (hi & 0xFFFF_FFFF) << 32;
+    let limit = (lo & 0xFFFF) | ((lo >> 48) & 0xF) << 16;
+    (base, limit)
+}
+
+/// Ports the loaded TSS's bitmap covers, keeping the byte the CPU reads past the last
+/// port: (bitmap address, ports).
+fn covered_ports() -> (u64, u32) {
+    let (base, limit) = current_tss();
+    // SAFETY: the I/O map base field of the loaded TSS, identity-mapped RAM.
+    let map_base = unsafe { core::ptr::read_volatile((base + 102) as *const u16) };
+    let bytes = (limit + 1)
+        .saturating_sub(u64::from(map_base))
+        .saturating_sub(1);
+    (
+        base + u64::from(map_base),
+        (bytes * 8).min(u64::from(u32::MAX)) as u32,
+    )
+}
+
+/// Loads the SDK's TSS: a copy of the loaded one (RSP0 and the rest) with a bitmap for
+/// [`SDK_TSS_PORTS`] ports (the old bitmap's bits kept, every other port denied),
+/// described by the boot GDT's TSS slot and loaded with `ltr`.
+///
+/// # Safety
+/// As for [`allow_user_ports`]; call once.
+unsafe fn switch_tss() {
+    use hv_abi::layout::{GDT_GPA, SEL_TSS};
+    let (old, _) = current_tss();
+    let (old_map, old_ports) = covered_ports();
+    let t = SDK_TSS.0.get().cast::<u8>();
+    // SAFETY: the SDK's TSS is not loaded yet (nothing reads it); the old TSS and its
+    // bitmap are readable RAM within its limit.
+    unsafe {
+        core::ptr::copy_nonoverlapping(old as *const u8, t, TSS_BASE_BYTES);
+        core::ptr::write_unaligned(t.add(102).cast::<u16>(), TSS_BASE_BYTES as u16);
+        core::ptr::write_bytes(t.add(TSS_BASE_BYTES), 0xFF, SDK_TSS_BYTES - TSS_BASE_BYTES);
+        core::ptr::copy_nonoverlapping(
+            old_map as *const u8,
+            t.add(TSS_BASE_BYTES),
+            (old_ports / 8).min(SDK_TSS_PORTS / 8) as usize,
+        );
+    }
+    let base = crate::virt_to_phys(t);
+    let limit = (SDK_TSS_BYTES - 1) as u64;
+    // Present, DPL 0, type 9 (available 64-bit TSS), byte granularity.
+    let lo = (limit & 0xFFFF)
+        | (base & 0xFF_FFFF) << 16
+        | 0x89 << 40
+        | ((limit >> 16) & 0xF) << 48
+        | ((base >> 24) & 0xFF) << 56;
+    let hi = base >> 32;
+    let at = GDT_GPA + u64::from(SEL_TSS);
+    // SAFETY: the boot GDT's TSS slot (two 8-byte entries) in writable RAM; `ltr` loads
+    // the new descriptor (and marks it busy), the old TSS is no longer used.
+    unsafe {
+        core::ptr::write_volatile(at as *mut u64, lo);
+        core::ptr::write_volatile((at + 8) as *mut u64, hi);
+        core::arch::asm!("ltr {0:x}", in(reg) SEL_TSS, options(nostack, preserves_flags));
+    }
+}
+
+/// Ports that [`allow_user_ports`] could not open to ring 3: beyond the TSS's I/O
+/// permission bitmap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortsNotCovered {
     /// The first port asked for.
@@ -214,7 +304,7 @@ impl core::fmt::Display for PortsNotCovered {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "ports {:#x}..{:#x} are beyond the boot TSS's I/O bitmap (it covers ports below {:#x})",
+            "ports {:#x}..{:#x} are beyond the TSS's I/O bitmap (it covers ports below {:#x})",
             self.first,
             u32::from(self.first) + u32::from(self.count),
             self.covered
@@ -222,34 +312,33 @@ impl core::fmt::Display for PortsNotCovered {
     }
 }
 
-/// Lets CPL 3 use I/O ports `first..first + count` by clearing their bits in the boot
-/// TSS's I/O permission bitmap (SPEC.md §4: the TSS at `layout::TSS_GPA`, its limit in
-/// the boot GDT's descriptor). Fails, changing nothing, if the bitmap (as far as the
-/// TSS limit reaches, keeping the byte the CPU reads past the last port) does not cover
-/// them all. Ring 3 then reaches the device behind the ports directly (on hv: each
-/// access is an exit the hypervisor handles).
+/// Lets CPL 3 use I/O ports `first..first + count` by clearing their bits in the
+/// loaded TSS's I/O permission bitmap. If that bitmap does not reach them (the boot
+/// TSS's may cover only the ports below the hypercall port's byte: SPEC.md §4), first
+/// switches to the SDK's own TSS, a copy with a bitmap for ports `0..`[`SDK_TSS_PORTS`]
+/// (the boot GDT's TSS slot is rewritten and `ltr` loads it). Fails, changing nothing,
+/// for ports beyond [`SDK_TSS_PORTS`]. Ring 3 then reaches the device behind the ports
+/// directly (on hv: each access is an exit the hypervisor handles).
 ///
 /// # Safety
-/// The boot TSS must be the loaded TSS, at `TSS_GPA` with its descriptor at
-/// `SEL_TSS` in the boot GDT at `GDT_GPA`, mapped writable; and ring 3 must be trusted
-/// with the devices behind the ports.
+/// The kernel must run on the boot GDT (at `GDT_GPA`) with TR = `SEL_TSS`, both
+/// mapped writable at their physical addresses, on one vCPU (other vCPUs keep the TSS
+/// they loaded; their RSP0 is not carried over); and ring 3 must be trusted with the
+/// devices behind the ports.
 pub unsafe fn allow_user_ports(first: u16, count: u16) -> Result<(), PortsNotCovered> {
-    use hv_abi::layout::{GDT_GPA, SEL_TSS};
-    // SAFETY: the caller guarantees the boot GDT and TSS are mapped where SPEC §4 puts
-    // them; the descriptor and the map base are plain reads.
-    let (desc, map_base) = unsafe {
-        (
-            core::ptr::read_volatile((GDT_GPA + u64::from(SEL_TSS)) as *const u64),
-            core::ptr::read_volatile((TSS_GPA + 102) as *const u16),
-        )
-    };
-    let limit = (desc & 0xFFFF) | ((desc >> 48) & 0xF) << 16;
-    // Bitmap bytes within the limit, minus the one the CPU may read past the last port.
-    let bytes = (limit + 1)
-        .saturating_sub(u64::from(map_base))
-        .saturating_sub(1);
-    let covered = (bytes * 8).min(u64::from(u32::MAX)) as u32;
     let end = u32::from(first) + u32::from(count);
+    if end > SDK_TSS_PORTS {
+        return Err(PortsNotCovered {
+            first,
+            count,
+            covered: SDK_TSS_PORTS,
+        });
+    }
+    if end > covered_ports().1 {
+        // SAFETY: forwarded from the caller.
+        unsafe { switch_tss() };
+    }
+    let (bitmap, covered) = covered_ports();
     if end > covered {
         return Err(PortsNotCovered {
             first,
@@ -257,11 +346,10 @@ pub unsafe fn allow_user_ports(first: u16, count: u16) -> Result<(), PortsNotCov
             covered,
         });
     }
-    let bitmap = TSS_GPA + u64::from(map_base);
     for p in u32::from(first)..end {
         let at = (bitmap + u64::from(p / 8)) as *mut u8;
-        // SAFETY: the byte is inside the TSS limit (checked), in the boot TSS the
-        // caller vouches for; the CPU reads it on the next ring-3 port access.
+        // SAFETY: the byte is inside the loaded TSS's limit (checked); the CPU reads it
+        // on the next ring-3 port access.
         unsafe { core::ptr::write_volatile(at, core::ptr::read_volatile(at) & !(1 << (p % 8))) };
     }
     Ok(())
