@@ -22,6 +22,9 @@ use thiserror::Error;
 use crate::boot;
 use crate::cli::parse_size;
 use crate::console::ConsoleSink;
+use crate::devices::disk::DiskSpec;
+use crate::devices::passthrough::{self, PassthroughError, RegionSpec};
+use crate::devices::{self as devs, ConsoleInput, ConsoleSpec, DeviceSpec, SpecError};
 use crate::domain::{DomainConfig, DomainError, DEFAULT_MEM_BYTES, FEATURES, MAX_DOMID};
 use crate::hypervisor::{DomainResult, Hypervisor};
 use crate::loader::{KernelImage, LoadError};
@@ -84,6 +87,45 @@ pub enum ConfigError {
         field: &'static str,
         /// What is wrong with it.
         message: String,
+    },
+    /// A device or console option of a domain cannot work (bad path, size, kind...).
+    #[error("domain {domain:?}: {error}")]
+    Device {
+        /// The domain.
+        domain: String,
+        /// What is wrong.
+        error: SpecError,
+    },
+    /// One disk image used by two domains (allowed only if both use it read-only).
+    #[error("disk image {} is used by domains {first:?} and {second:?}; an image can be shared only read-only", path.display())]
+    SharedDisk {
+        /// The image.
+        path: PathBuf,
+        /// The first domain.
+        first: String,
+        /// The second.
+        second: String,
+    },
+    /// A passthrough region given to two domains.
+    #[error("{0}")]
+    Passthrough(#[from] PassthroughError),
+    /// Two domains write their console to one file.
+    #[error("domains {first:?} and {second:?} both write their console to {}", path.display())]
+    SharedConsoleOutput {
+        /// The file.
+        path: PathBuf,
+        /// The first domain.
+        first: String,
+        /// The second.
+        second: String,
+    },
+    /// Two domains read hv's standard input.
+    #[error("domains {first:?} and {second:?} both read standard input (console input = \"stdin\"); only one can")]
+    SharedStdin {
+        /// The first domain.
+        first: String,
+        /// The second.
+        second: String,
     },
     /// A connection names a domain that is not defined.
     #[error("connection #{index}: no domain is named {name:?}")]
@@ -216,6 +258,11 @@ pub struct DomainSpec {
     pub cmdline: String,
     /// Allow hypercalls from guest CPL 3.
     pub allow_user_hypercalls: bool,
+    /// Devices: the `[[domain.disk]]` tables in order, then the
+    /// `[[domain.passthrough]]` tables in order (paths resolved).
+    pub devices: Vec<DeviceSpec>,
+    /// The `[domain.console]` table (paths resolved).
+    pub console: ConsoleSpec,
 }
 
 /// A checked configuration.
@@ -269,6 +316,35 @@ struct RawDomain {
     cmdline: Option<String>,
     domid: Option<u32>,
     allow_user_hypercalls: Option<bool>,
+    #[serde(default)]
+    disk: Vec<RawDisk>,
+    #[serde(default)]
+    passthrough: Vec<RawRegion>,
+    console: Option<RawConsole>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    path: PathBuf,
+    size: Option<RawSize>,
+    readonly: Option<bool>,
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegion {
+    path: PathBuf,
+    size: RawSize,
+    create: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    output: Option<PathBuf>,
+    input: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -398,7 +474,65 @@ impl Config {
             connections,
         };
         config.check_cmdlines()?;
+        config.check_shared_files()?;
         Ok(config)
+    }
+
+    /// Checks what domains may not share: writable disk images, passthrough regions,
+    /// console output files, standard input.
+    fn check_shared_files(&self) -> Result<(), ConfigError> {
+        let mut disks: HashMap<PathBuf, (&str, bool)> = HashMap::new();
+        for d in &self.domains {
+            for (path, ro) in devs::disk_identities(&d.devices) {
+                match disks.get(&path) {
+                    // Within one domain, check_specs has decided already.
+                    Some((first, first_ro)) if *first != d.name && !(ro && *first_ro) => {
+                        return Err(ConfigError::SharedDisk {
+                            path,
+                            first: first.to_string(),
+                            second: d.name.clone(),
+                        })
+                    }
+                    Some(_) => {}
+                    None => {
+                        disks.insert(path, (&d.name, ro));
+                    }
+                }
+            }
+        }
+        let regions: Vec<(&str, RegionSpec)> = self
+            .domains
+            .iter()
+            .flat_map(|d| {
+                DeviceSpec::regions(&d.devices)
+                    .into_iter()
+                    .map(move |r| (d.name.as_str(), r))
+            })
+            .collect();
+        passthrough::check_exclusive(regions.iter().map(|(n, r)| (*n, r)))?;
+        let mut outputs: HashMap<PathBuf, &str> = HashMap::new();
+        let mut stdin: Option<&str> = None;
+        for d in &self.domains {
+            if let Some(out) = &d.console.output {
+                if let Some(first) = outputs.insert(devs::file_identity(out), &d.name) {
+                    return Err(ConfigError::SharedConsoleOutput {
+                        path: out.clone(),
+                        first: first.to_string(),
+                        second: d.name.clone(),
+                    });
+                }
+            }
+            if d.console.input == ConsoleInput::Stdin {
+                if let Some(first) = stdin {
+                    return Err(ConfigError::SharedStdin {
+                        first: first.to_string(),
+                        second: d.name.clone(),
+                    });
+                }
+                stdin = Some(&d.name);
+            }
+        }
+        Ok(())
     }
 
     /// Checks every command line, with the worst-case text the connections append.
@@ -497,6 +631,8 @@ impl Config {
                 cmdline: d.cmdline.clone(),
                 allow_user_hypercalls: d.allow_user_hypercalls,
                 console: console(d),
+                devices: d.devices.clone(),
+                console_spec: d.console.clone(),
                 ..DomainConfig::default()
             };
             hv.create_domain(config, image).map_err(create)?;
@@ -602,6 +738,7 @@ fn check_domain(d: &RawDomain, domid: u32, base: &Path) -> Result<DomainSpec, Co
             format!("{vcpus}: a domain has 1 to {MAX_VCPUS} vCPUs"),
         ));
     }
+    let (devices, console) = check_devices(d, base)?;
     Ok(DomainSpec {
         name: d.name.clone(),
         kernel,
@@ -610,7 +747,79 @@ fn check_domain(d: &RawDomain, domid: u32, base: &Path) -> Result<DomainSpec, Co
         vcpus,
         cmdline: d.cmdline.clone().unwrap_or_default(),
         allow_user_hypercalls: d.allow_user_hypercalls.unwrap_or(false),
+        devices,
+        console,
     })
+}
+
+/// A size field of a device table.
+fn raw_size(raw: &RawSize) -> Result<u64, String> {
+    match raw {
+        RawSize::Bytes(n) => Ok(*n),
+        RawSize::Text(s) => parse_size(s).map_err(|e| e.to_string()),
+    }
+}
+
+/// The `disk`, `passthrough` and `console` tables of a domain, checked
+/// ([`devs::check_specs`]); relative paths are joined to `base`.
+fn check_devices(
+    d: &RawDomain,
+    base: &Path,
+) -> Result<(Vec<DeviceSpec>, ConsoleSpec), ConfigError> {
+    let err = |field: String, message: String| ConfigError::Device {
+        domain: d.name.clone(),
+        error: SpecError { field, message },
+    };
+    let mut devices = Vec::new();
+    for (i, disk) in d.disk.iter().enumerate() {
+        let field = || format!("disk #{}", i + 1);
+        let create_size = match &disk.size {
+            None => None,
+            Some(s) => Some(raw_size(s).map_err(|m| err(field(), format!("size: {m}")))?),
+        };
+        let spec = DiskSpec {
+            path: base.join(&disk.path),
+            create_size,
+            readonly: disk.readonly.unwrap_or(false),
+        };
+        devices.push(match disk.kind.as_deref() {
+            None | Some("pv") => DeviceSpec::PvBlock(spec),
+            Some("emulated") => DeviceSpec::EmuBlock(spec),
+            Some(k) => {
+                return Err(err(
+                    field(),
+                    format!("kind {k:?}: use \"pv\" or \"emulated\""),
+                ))
+            }
+        });
+    }
+    // Passthrough regions follow the disks in the device table.
+    for (i, r) in d.passthrough.iter().enumerate() {
+        let size = raw_size(&r.size)
+            .map_err(|m| err(format!("passthrough #{}", i + 1), format!("size: {m}")))?;
+        devices.push(DeviceSpec::Passthrough(RegionSpec {
+            path: base.join(&r.path),
+            size,
+            create: r.create.unwrap_or(false),
+        }));
+    }
+    let console = match &d.console {
+        None => ConsoleSpec::default(),
+        Some(c) => ConsoleSpec {
+            output: c.output.as_ref().map(|p| base.join(p)),
+            input: match c.input.as_deref() {
+                None => ConsoleInput::None,
+                Some("stdin") | Some("-") => ConsoleInput::Stdin,
+                Some("") => return Err(err("console.input".into(), "empty path".into())),
+                Some(p) => ConsoleInput::File(base.join(p)),
+            },
+        },
+    };
+    devs::check_specs(&devices, &console).map_err(|error| ConfigError::Device {
+        domain: d.name.clone(),
+        error,
+    })?;
+    Ok((devices, console))
 }
 
 /// The exit status of `hv run --config` (SPEC.md §9.4): 100 if any domain crashed;
@@ -704,6 +913,8 @@ mod tests {
                 vcpus: 2,
                 cmdline: "role=ping peer=pong".into(),
                 allow_user_hypercalls: true,
+                devices: Vec::new(),
+                console: ConsoleSpec::default(),
             }
         );
         assert_eq!(c.domains[1].kernel, KernelSource::File("/abs/k.elf".into()));
@@ -802,6 +1013,158 @@ mod tests {
             "x".repeat(limit)
         );
         assert!(parse(&one).is_ok());
+    }
+
+    #[test]
+    fn device_and_console_tables() {
+        let dir = std::env::temp_dir().join(format!("hv-config-dev-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.img"), vec![0u8; 8192]).unwrap();
+        std::fs::write(dir.join("in.txt"), b"hi\n").unwrap();
+        let c = Config::parse(
+            r#"
+            [[domain]]
+            name = "a"
+            [[domain.disk]]
+            path = "a.img"
+            [[domain.disk]]
+            path = "new.img"
+            size = "1M"
+            kind = "emulated"
+            readonly = true
+            [[domain.passthrough]]
+            path = "r.bin"
+            size = "2M"
+            create = true
+            [domain.console]
+            output = "a.log"
+            input = "in.txt"
+            [[domain]]
+            name = "b"
+            [[domain.disk]]
+            path = "new.img"
+            size = 1048576
+            readonly = true
+            [domain.console]
+            input = "stdin"
+            "#,
+            &dir,
+        )
+        .unwrap();
+        let a = &c.domains[0];
+        assert_eq!(
+            a.devices,
+            vec![
+                DeviceSpec::PvBlock(DiskSpec {
+                    path: dir.join("a.img"),
+                    create_size: None,
+                    readonly: false
+                }),
+                DeviceSpec::EmuBlock(DiskSpec {
+                    path: dir.join("new.img"),
+                    create_size: Some(1 << 20),
+                    readonly: true
+                }),
+                DeviceSpec::Passthrough(RegionSpec {
+                    path: dir.join("r.bin"),
+                    size: 2 << 20,
+                    create: true
+                }),
+            ]
+        );
+        assert_eq!(
+            a.console,
+            ConsoleSpec {
+                output: Some(dir.join("a.log")),
+                input: ConsoleInput::File(dir.join("in.txt")),
+            }
+        );
+        assert_eq!(c.domains[1].console.input, ConsoleInput::Stdin);
+
+        let err = |t: &str| Config::parse(t, &dir).expect_err(t).to_string();
+        let dom = |name: &str, body: &str| format!("[[domain]]\nname = \"{name}\"\n{body}");
+        let cases = [
+            (
+                dom("a", "[[domain.disk]]\npath = \"missing.img\"\n"),
+                "domain \"a\": disk #1: ",
+            ),
+            (
+                dom("a", "[[domain.disk]]\npath = \"missing.img\"\n"),
+                "does not exist (give a size to create it)",
+            ),
+            (
+                dom("a", "[[domain.disk]]\npath = \"x.img\"\nsize = \"12X\"\n"),
+                "disk #1: size: invalid size",
+            ),
+            (
+                dom("a", "[[domain.disk]]\npath = \"x.img\"\nsize = 1000\n"),
+                "size 1000 bytes",
+            ),
+            (
+                dom("a", "[[domain.disk]]\npath = \"a.img\"\nkind = \"fast\"\n"),
+                "disk #1: kind \"fast\"",
+            ),
+            (
+                dom("a", "[[domain.disk]]\npath = \"a.img\"\nspeed = 1\n"),
+                "unknown field `speed`",
+            ),
+            (
+                dom(
+                    "a",
+                    "[[domain.passthrough]]\npath = \"r.bin\"\nsize = \"2M\"\n",
+                ),
+                "passthrough #1: ",
+            ),
+            (
+                dom(
+                    "a",
+                    "[[domain.passthrough]]\npath = \"r.bin\"\nsize = 100\ncreate = true\n",
+                ),
+                "size 100",
+            ),
+            (
+                dom("a", "[domain.console]\ninput = \"nope.txt\"\n"),
+                "domain \"a\": console.input: cannot open",
+            ),
+            (
+                dom("a", "[domain.console]\noutput = \"no/such/dir/x\"\n"),
+                "console.output: cannot create",
+            ),
+            (
+                dom("a", "[[domain.disk]]\npath = \"a.img\"\n")
+                    + &dom(
+                        "b",
+                        "[[domain.disk]]\npath = \"./a.img\"\nreadonly = true\n",
+                    ),
+                "is used by domains \"a\" and \"b\"",
+            ),
+            (
+                dom(
+                    "a",
+                    "[[domain.passthrough]]\npath = \"r.bin\"\nsize = \"2M\"\ncreate = true\n",
+                ) + &dom(
+                    "b",
+                    "[[domain.passthrough]]\npath = \"r.bin\"\nsize = \"4K\"\ncreate = true\n",
+                ),
+                "given to both a and b",
+            ),
+            (
+                dom("a", "[domain.console]\ninput = \"stdin\"\n")
+                    + &dom("b", "[domain.console]\ninput = \"-\"\n"),
+                "both read standard input",
+            ),
+            (
+                dom("a", "[domain.console]\noutput = \"o.log\"\n")
+                    + &dom("b", "[domain.console]\noutput = \"o.log\"\n"),
+                "both write their console to",
+            ),
+        ];
+        for (text, want) in &cases {
+            let got = err(text);
+            assert!(got.contains(want), "{text:?}: {got:?} lacks {want:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use hv_core::config::{self, Config, ConfigError};
+use hv_core::devices::passthrough::RegionSpec;
+use hv_core::devices::{ConsoleInput, ConsoleSpec, DeviceSpec};
 use hv_core::outcome::{EXIT_INTERNAL, EXIT_USAGE};
 use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig};
 
@@ -14,7 +16,7 @@ use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig};
     name = "hv",
     version,
     about = "hv: a paravirtual hypervisor on KVM",
-    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n  hv bench density --domains 200   density with 200 idle domains\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error. With --config: 100 if any domain crashed, else the first non-zero\npoweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
+    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run kernel.elf --disk disk.img,size=64M --console-input -   a PV disk, console input from stdin\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n  hv bench density --domains 200   density with 200 idle domains\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error. With --config: 100 if any domain crashed, else the first non-zero\npoweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,7 +34,10 @@ enum Command {
         #[arg(
             long,
             value_name = "FILE",
-            conflicts_with_all = ["kernel", "mem", "vcpus", "cmdline", "allow_user_hypercalls"]
+            conflicts_with_all = [
+                "kernel", "mem", "vcpus", "cmdline", "allow_user_hypercalls", "disk",
+                "passthrough", "console_output", "console_input"
+            ]
         )]
         config: Option<PathBuf>,
         /// Guest RAM: bytes or with a K/M/G suffix.
@@ -50,6 +55,21 @@ enum Command {
         /// Allow hypercalls from guest CPL 3.
         #[arg(long)]
         allow_user_hypercalls: bool,
+        /// A disk (repeatable): PATH[,size=64M][,emulated][,readonly]. A PV block device
+        /// over the raw image PATH (created with `size` bytes if missing), or an emulated
+        /// one with `emulated`.
+        #[arg(long, value_name = "PATH[,OPTIONS]", value_parser = cli::parse_disk)]
+        disk: Vec<DeviceSpec>,
+        /// A passthrough region (repeatable): PATH,size=2M[,create]: the first `size`
+        /// bytes of the file, mapped into the guest (created if missing with `create`).
+        #[arg(long, value_name = "PATH,size=N[,create]", value_parser = cli::parse_passthrough)]
+        passthrough: Vec<RegionSpec>,
+        /// Write the domain's console output to FILE instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        console_output: Option<PathBuf>,
+        /// Feed the PV console's input from FILE, or from standard input with `-`.
+        #[arg(long, value_name = "FILE|-", value_parser = cli::parse_console_input)]
+        console_input: Option<ConsoleInput>,
     },
     /// Print the hypervisor's ABI version and features.
     Version,
@@ -93,7 +113,21 @@ fn main() -> ExitCode {
             cmdline,
             stats,
             allow_user_hypercalls,
+            disk,
+            passthrough,
+            console_output,
+            console_input,
         } => {
+            let mut devices = disk;
+            devices.extend(passthrough.into_iter().map(DeviceSpec::Passthrough));
+            let console_spec = ConsoleSpec {
+                output: console_output,
+                input: console_input.unwrap_or_default(),
+            };
+            if let Err(e) = hv_core::devices::check_specs(&devices, &console_spec) {
+                eprintln!("hv: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
             let config = DomainConfig {
                 name: kernel
                     .as_ref()
@@ -104,6 +138,8 @@ fn main() -> ExitCode {
                 cmdline,
                 allow_user_hypercalls,
                 console: ConsoleSink::Stdout,
+                devices,
+                console_spec,
                 ..DomainConfig::default()
             };
             run(kernel, config, stats)

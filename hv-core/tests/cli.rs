@@ -478,3 +478,208 @@ fn config_errors_exit_2_before_any_domain_runs() {
         );
     }
 }
+
+// ---- devices: disks, passthrough regions, the PV console (SPEC 8.9) ----
+
+/// Runs hv with `args`, `input` on its standard input.
+fn hv_with_stdin(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hv"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run hv");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input).expect("write stdin");
+    drop(stdin);
+    child.wait_with_output().expect("wait for hv")
+}
+
+#[test]
+fn console_input_from_stdin_and_prefixed_output() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = test_guest().display().to_string();
+    // One domain: its console is hv's standard output, unprefixed.
+    let out = hv_with_stdin(
+        &[
+            "run",
+            &guest,
+            "--cmdline",
+            "scenario=pvcons echo=2",
+            "--console-input",
+            "-",
+        ],
+        b"hello stdin\nsecond line\n",
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("\necho: hello stdin\necho: second line\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("pv console: hello\n"), "{stdout}");
+
+    // With --config: each line with the domain's name; only one domain reads stdin.
+    let dir = TempDir::new("console");
+    let cfg = dir.write(
+        "cons.toml",
+        &format!(
+            "{}[domain.console]\ninput = \"stdin\"\n{}",
+            guest_domain("c1", "scenario=pvcons echo=1"),
+            guest_domain("c2", "scenario=pvcons")
+        ),
+    );
+    let out = hv_with_stdin(&["run", "--config", &cfg], b"to c1\n");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(stdout.contains("[c1] echo: to c1\n"), "{stdout}");
+    assert!(stdout.contains("[c1] pv console: hello\n"), "{stdout}");
+    assert!(stdout.contains("[c2] pv line 099 ."), "{stdout}");
+    assert!(stdout.contains("[c2] echoed=0\n"), "{stdout}");
+    assert!(!stdout.contains("[c2] echo: "), "{stdout}");
+}
+
+#[test]
+fn disks_and_console_files_from_the_command_line_and_a_config() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = test_guest().display().to_string();
+    let dir = TempDir::new("disks");
+    let img = dir.0.join("d.img");
+    let log = dir.0.join("console.log");
+    let img_s = img.display().to_string();
+    let out = hv(&[
+        "run",
+        &guest,
+        "--cmdline",
+        "scenario=blk",
+        "--disk",
+        &format!("{img_s},size=1M"),
+        "--console-output",
+        &log.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // The console went to the file; the disk was created with the size asked for.
+    assert!(text(&out.stdout).is_empty(), "{}", text(&out.stdout));
+    let console = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        console.contains("readback=1") && console.contains("reconnect_data=1"),
+        "{console}"
+    );
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+
+    // The same from a configuration file (relative paths), with the image now existing.
+    let cfg = dir.write(
+        "disk.toml",
+        &format!(
+            "{}[[domain.disk]]\npath = \"d.img\"\n",
+            guest_domain("d", "scenario=blk")
+        ),
+    );
+    let out = hv(&["run", "--config", &cfg]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("[d] write1=0 write11=0 flush=0"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn device_errors_exit_2_before_any_domain_runs() {
+    let dir = TempDir::new("device-errors");
+    let guest = test_guest().display().to_string();
+    std::fs::write(dir.0.join("odd.img"), [0u8; 700]).unwrap();
+    std::fs::write(dir.0.join("ok.img"), [0u8; 4096]).unwrap();
+    let dom = |name: &str, body: &str| format!("{}{body}", guest_domain(name, "scenario=hello"));
+    let cases: Vec<(String, &str)> = vec![
+        (
+            dom("a", "[[domain.disk]]\npath = \"missing.img\"\n"),
+            "domain \"a\": disk #1: ",
+        ),
+        (
+            dom("a", "[[domain.disk]]\npath = \"odd.img\"\n"),
+            "odd.img is 700 bytes",
+        ),
+        (
+            dom("a", "[[domain.disk]]\npath = \"n.img\"\nsize = \"1000\"\n"),
+            "size 1000 bytes",
+        ),
+        (
+            dom("a", "[[domain.disk]]\npath = \"ok.img\"\nkind = \"nvme\"\n"),
+            "kind \"nvme\"",
+        ),
+        (
+            dom("a", "[[domain.disk]]\npath = \"ok.img\"\n")
+                + &dom("b", "[[domain.disk]]\npath = \"ok.img\"\n"),
+            "is used by domains \"a\" and \"b\"",
+        ),
+        (
+            dom(
+                "a",
+                "[[domain.passthrough]]\npath = \"r.bin\"\nsize = \"2M\"\ncreate = true\n",
+            ) + &dom(
+                "b",
+                "[[domain.passthrough]]\npath = \"r.bin\"\nsize = \"2M\"\ncreate = true\n",
+            ),
+            "given to both a and b",
+        ),
+        (
+            dom("a", "[domain.console]\ninput = \"stdin\"\n")
+                + &dom("b", "[domain.console]\ninput = \"stdin\"\n"),
+            "both read standard input",
+        ),
+        (
+            dom("a", "[domain.console]\ninput = \"missing.txt\"\n"),
+            "console.input: cannot open",
+        ),
+    ];
+    for (i, (config, want)) in cases.iter().enumerate() {
+        let cfg = dir.write(&format!("bad{i}.toml"), config);
+        let out = hv(&["run", "--config", &cfg]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(2), "{want}: {stderr}");
+        assert!(stderr.starts_with(&format!("hv: {cfg}: ")), "{stderr}");
+        assert!(stderr.contains(want), "{stderr:?} lacks {want:?}");
+        assert!(stdout.is_empty(), "{stdout}");
+        // Nothing was created.
+        assert!(!dir.0.join("r.bin").exists() && !dir.0.join("n.img").exists());
+    }
+    let missing = dir.0.join("missing.img").display().to_string();
+    let cli_cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--disk".into(), missing.clone()], "disk #1: "),
+        (
+            vec!["--disk".into(), format!("{missing},size=12X")],
+            "invalid size",
+        ),
+        (
+            vec!["--disk".into(), format!("{missing},fast")],
+            "unknown option \"fast\"",
+        ),
+        (
+            vec![
+                "--passthrough".into(),
+                dir.0.join("r.bin").display().to_string(),
+            ],
+            "no size",
+        ),
+        (
+            vec!["--console-input".into(), missing.clone()],
+            "console.input: cannot open",
+        ),
+    ];
+    for (extra, want) in cli_cases {
+        let mut args: Vec<&str> = vec!["run", &guest];
+        args.extend(extra.iter().map(String::as_str));
+        let out = hv(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(want), "{stderr:?} lacks {want:?}");
+        assert!(text(&out.stdout).is_empty());
+    }
+}

@@ -108,7 +108,7 @@ pub enum DeviceError {
     /// A disk image could not be opened.
     #[error("disk #{index}: {source}")]
     Disk {
-        /// 1-based position among the domain's devices.
+        /// 1-based position among the domain's disks.
         index: usize,
         /// Why.
         #[source]
@@ -241,12 +241,14 @@ impl Devices {
         ];
         let mut emu_base = EMU_BLOCK_BASE;
         let mut region_info = regions.info().into_iter();
-        for (i, spec) in specs.iter().enumerate() {
-            let open = |d: &DiskSpec| {
+        let mut disks = 0;
+        for spec in specs {
+            let mut open = |d: &DiskSpec| {
+                disks += 1;
                 Disk::open(d)
                     .map(Arc::new)
                     .map_err(|source| DeviceError::Disk {
-                        index: i + 1,
+                        index: disks,
                         source,
                     })
             };
@@ -491,7 +493,8 @@ pub fn dev_op(dom: &DomainShared, cmd: u64, arg: u64) -> Result<u64, Errno> {
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("{field}: {message}")]
 pub struct SpecError {
-    /// What is wrong: `disk #N`, `console.output`, `console.input`, `devices`.
+    /// What is wrong: `disk #N`, `passthrough #N` (counted per kind), `console.output`,
+    /// `console.input`, `devices`, `passthrough`.
     pub field: String,
     /// Why.
     pub message: String,
@@ -597,11 +600,13 @@ pub fn check_specs(devices: &[DeviceSpec], console: &ConsoleSpec) -> Result<(), 
         ));
     }
     let mut emulated = 0;
+    let (mut disks, mut regions) = (0, 0);
     let mut seen: Vec<(PathBuf, bool, usize)> = Vec::new();
-    for (i, d) in devices.iter().enumerate() {
-        let field = format!("disk #{}", i + 1);
+    for d in devices {
         match d {
             DeviceSpec::PvBlock(disk) | DeviceSpec::EmuBlock(disk) => {
+                disks += 1;
+                let field = format!("disk #{disks}");
                 if matches!(d, DeviceSpec::EmuBlock(_)) {
                     emulated += 1;
                     if emulated > MAX_EMU_BLOCKS {
@@ -624,9 +629,12 @@ pub fn check_specs(devices: &[DeviceSpec], console: &ConsoleSpec) -> Result<(), 
                         ));
                     }
                 }
-                seen.push((id, disk.readonly, i + 1));
+                seen.push((id, disk.readonly, disks));
             }
-            DeviceSpec::Passthrough(r) => check_region(&format!("passthrough #{}", i + 1), r)?,
+            DeviceSpec::Passthrough(r) => {
+                regions += 1;
+                check_region(&format!("passthrough #{regions}"), r)?
+            }
         }
     }
     let regions = DeviceSpec::regions(devices);
