@@ -94,6 +94,11 @@ pub enum BlkError {
     Idle,
     /// A synchronous helper was called with other requests in flight.
     Busy,
+    /// A synchronous helper got the response of a request it did not send.
+    UnexpectedResponse {
+        /// The id the response carried.
+        id: u64,
+    },
     /// No response within the timeout.
     TimedOut {
         /// Requests still in flight.
@@ -135,6 +140,9 @@ impl fmt::Display for BlkError {
             ),
             BlkError::Idle => f.write_str("no request in flight"),
             BlkError::Busy => f.write_str("other requests are in flight"),
+            BlkError::UnexpectedResponse { id } => {
+                write!(f, "a response for id {id}, which was not sent")
+            }
             BlkError::TimedOut { in_flight } => {
                 write!(f, "timed out with {in_flight} request(s) in flight")
             }
@@ -230,7 +238,8 @@ impl Completion {
     }
 }
 
-/// Consecutive pages of this domain granted to a back-end, for request data.
+/// Consecutive pages of this domain granted to a back-end, for request data. Dropping
+/// it without [`IoBuffers::revoke`] leaves the pages granted.
 #[derive(Debug)]
 pub struct IoBuffers {
     base: u64,
@@ -658,7 +667,7 @@ impl Blkfront {
         self.push()?;
         let c = self.wait_response()?;
         if c.id != id {
-            return Err(BlkError::BadRequest("the back-end answered another id"));
+            return Err(BlkError::UnexpectedResponse { id: c.id });
         }
         c.result().map_err(|error| BlkError::Request {
             id,
@@ -706,6 +715,9 @@ impl Blkfront {
         self.next_id = self.next_id.wrapping_add(1);
         self.push()?;
         let c = self.wait_response()?;
+        if c.id != id {
+            return Err(BlkError::UnexpectedResponse { id: c.id });
+        }
         c.result().map_err(|error| BlkError::Request {
             id: c.id,
             operation: c.operation,
@@ -754,5 +766,45 @@ impl Blkfront {
             })?;
         let _ = evtchn::close(self.port);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments() {
+        assert_eq!(Segment::whole(3).sectors(), 8);
+        let s = Segment {
+            page: 0,
+            first_sect: 2,
+            last_sect: 2,
+        };
+        assert_eq!(s.sectors(), 1);
+        let bad = Segment {
+            page: 0,
+            first_sect: 5,
+            last_sect: 4,
+        };
+        assert_eq!(bad.sectors(), 0);
+        let (segs, n) = Segment::whole_pages(7, 20);
+        assert_eq!(n, BLKIF_MAX_SEGMENTS);
+        assert!(segs
+            .iter()
+            .enumerate()
+            .all(|(i, s)| *s == Segment::whole(7 + i as u32)));
+        let (segs, n) = Segment::whole_pages(0, 2);
+        assert_eq!(n, 2);
+        assert_eq!(segs[2], Segment::default());
+        assert_eq!(BlkOp::Read.code(), BLKIF_OP_READ);
+        assert_eq!(BlkOp::Write.code(), BLKIF_OP_WRITE);
+        assert_eq!(BlkOp::Flush.code(), BLKIF_OP_FLUSH);
+        let c = Completion {
+            id: 1,
+            operation: BLKIF_OP_READ,
+            status: -34,
+        };
+        assert_eq!(c.result(), Err(Error::Errno(hv_abi::Errno::ERANGE)));
     }
 }
