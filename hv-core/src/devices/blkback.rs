@@ -164,7 +164,11 @@ impl BlkBack {
         if slot.state == STATE_CONNECTED {
             return Err(Errno::EBUSY);
         }
-        let frame = grant::host_pin(dom, ring_gref, true)?;
+        let frame = grant::host_pin(dom, ring_gref, true).map_err(|e| match e {
+            // A grant of a frame that is not RAM.
+            Errno::EINVAL => Errno::EACCES,
+            e => e,
+        })?;
         let host = match dom.mem.host_address(frame * PAGE_SIZE) {
             Ok(h) => h,
             Err(_) => {
