@@ -300,6 +300,12 @@ fn a_broken_ring_closes_the_device_and_a_new_ring_connects() {
             ("ov_error_cleared", 0),
             ("ov2_state", 6),
             ("ov2_error", EINVAL),
+            ("pc_connect", 0),
+            ("pc_close", 0),
+            ("pc_send", -1),
+            ("pc_disconnect", 0),
+            ("pc_state", 6),
+            ("pc_ring_flags", 0x1),
         ],
     );
 }

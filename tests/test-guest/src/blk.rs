@@ -5,7 +5,7 @@
 //! | scenario | what it does |
 //! | --- | --- |
 //! | `blk` | device table, dev_op refusals, connect, writes (1 and 11 segments, from a read-only grant), flush, read-back, every malformed request, notification rules, grant flags, disconnect, reconnect, a read-only second disk |
-//! | `blk-overflow` | a `req_prod` that claims 33 requests: the back-end closes the device (`-EINVAL`); reconnect; a `req_prod` behind `rsp_prod`: closed again |
+//! | `blk-overflow` | a `req_prod` that claims 33 requests: the back-end closes the device (`-EINVAL`); reconnect; a `req_prod` behind `rsp_prod`: closed again; a port closed by the guest while connected |
 //! | `blk-flush` | a write, then waits for the host (`go` word); a flush, then waits again |
 //! | `pvcons` | PV console output (short, 3000 bytes through the 2048-byte ring, a broken `out_prod`), then echoes `echo=N` lines of input |
 //!
@@ -638,6 +638,21 @@ pub fn overflow(si: &StartInfo) -> ! {
     wait_closed(&b, dev);
     let e = entry(si, dev);
     println!("ov2_state={} ov2_error={}", e.state, e.error);
+
+    // The guest closes its port while connected: sends fail, the back-end's events go
+    // nowhere, and disconnecting still releases the ring.
+    let c = new_front(si, RING_C);
+    grant(&gt, REF_RING_C, DOMID_HV, page(si, RING_C), false);
+    let rc = connect(dev, REF_RING_C, c.port);
+    let closed = evtchn::close(c.port).map_or(-1, |_| 0);
+    let send = evtchn::send(c.port).map_or(-1, |_| 0);
+    let dc = dev_op(DEVOP_DISCONNECT, u64::from(dev));
+    println!(
+        "pc_connect={rc} pc_close={closed} pc_send={send} pc_disconnect={dc} pc_state={} \
+         pc_ring_flags={:#x}",
+        dev_op(DEVOP_STATE, u64::from(dev)),
+        gt.flags(REF_RING_C).unwrap_or(0xFFFF)
+    );
     poweroff(0)
 }
 
