@@ -259,6 +259,8 @@ pub fn granter(si: &StartInfo) -> ! {
     // b maps Q (ref 5), tells us through a copy into D, and dies holding it.
     wait("b_done", || rd(d) == DONE);
     println!("flags_held={:#x}", flags(si, 5));
+    // Only now may b die: it waits for this word in Q, which it still maps.
+    wr(q + 16, DONE);
     wait("b_death", || flags(si, 5) & IN_USE == 0);
     println!("flags_after_mapper_death={:#x}", flags(si, 5));
     println!("revoke_after_death={}", u8::from(revoke(si, 5)));
@@ -583,6 +585,9 @@ pub fn mapper(si: &StartInfo) -> ! {
         gnttab(GNTTABOP_COPY, &mut done),
         done[0].status
     );
+    // Die holding the mapping once a has seen it held (else a could read the flags
+    // after the cleanup).
+    wait("a_saw_held", || rd(va(3) + 16) == DONE);
     poweroff(0)
 }
 
