@@ -312,7 +312,11 @@ fn blk_rows(want: &dyn Fn(&str) -> bool) -> Result<Vec<BenchResult>, BenchError>
                 }
             }
         }
-        let medians: Vec<f64> = values.into_iter().map(median).collect();
+        // Rows not run have no values (and are not reported).
+        let medians: Vec<f64> = values
+            .into_iter()
+            .map(|v| if v.is_empty() { f64::NAN } else { median(v) })
+            .collect();
         for (i, (name, _)) in chain.iter().enumerate() {
             if want(name) {
                 let floor = i

@@ -162,6 +162,12 @@ fn bench_json_reports_every_result_with_ratios() {
             "memcpy_4k",
             "grant_copy_4k",
             "grant_map_unmap",
+            "blk_host_seq_write",
+            "blk_passthrough_seq_write",
+            "blk_pv_seq_write",
+            "blk_emulated_seq_write",
+            "blk_host_4k_iops",
+            "blk_pv_4k_iops",
             "density_boot_rate",
             "density_overhead",
             "density_rss",
@@ -194,6 +200,13 @@ fn bench_json_reports_every_result_with_ratios() {
     assert_eq!(by("memcpy_4k")["unit"], "GB/s");
     assert_eq!(by("grant_copy_4k")["vs"], "memcpy_4k");
     assert_eq!(by("density_overhead")["unit"], "KiB/domain");
+    assert!(by("blk_host_seq_write")["vs"].is_null());
+    assert_eq!(by("blk_passthrough_seq_write")["vs"], "blk_host_seq_write");
+    assert_eq!(by("blk_pv_seq_write")["vs"], "blk_passthrough_seq_write");
+    assert_eq!(by("blk_emulated_seq_write")["vs"], "blk_pv_seq_write");
+    assert_eq!(by("blk_pv_4k_iops")["vs"], "blk_host_4k_iops");
+    assert_eq!(by("blk_pv_seq_write")["unit"], "MB/s");
+    assert_eq!(by("blk_pv_4k_iops")["unit"], "IOPS");
 }
 
 // ---- hv run --config ----
