@@ -1,6 +1,7 @@
 # The two commands of the README do all set-up on a fresh machine:
 #   make demo   - run the embedded demo kernel, then two of it connected (ping-pong,
-#                 grants, timer: examples/pingpong.toml)
+#                 grants, timer: examples/pingpong.toml), then the device models
+#                 (examples/devices.toml)
 #   make test   - run the whole test suite on real KVM
 .PHONY: setup demo test bench lint
 
@@ -12,6 +13,7 @@ setup:
 demo: setup
 	cargo run --release -p hv-core --bin hv -- run
 	cargo run --release -p hv-core --bin hv -- run --config examples/pingpong.toml
+	cargo run --release -p hv-core --bin hv -- run --config examples/devices.toml
 
 test: setup
 	cargo test --release --no-fail-fast
