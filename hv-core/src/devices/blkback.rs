@@ -195,10 +195,9 @@ impl BlkBack {
             grant::host_unpin(dom, ring_gref, true);
             return Err(Errno::ENOMEM);
         }
-        // SAFETY: `host` is the host address of a RAM frame of `dom` (4 KiB-aligned,
-        // mapped as long as the domain lives, which outlives this connection: the
-        // connection is part of the domain's devices and is dropped by `stop` at the
-        // latest). The frame stays pinned while the connection exists.
+        // The connection is part of the domain's devices, dropped by `stop` at the latest.
+        // SAFETY: `host` is a 4 KiB-aligned RAM frame of `dom`, mapped for the domain's
+        // life (which outlives this connection) and pinned while the connection exists.
         let page = unsafe { RingPage::new(host as *mut u8) };
         slot.conn = Some(Conn {
             ring: BackRing::attach(page),
@@ -429,10 +428,9 @@ fn handle(dom: &DomainShared, disk: &Disk, req: &BlkifRequest) -> Result<u64, Er
         });
         pins.push(pin);
     }
+    // The guest may change the bytes concurrently: that changes only what is moved.
     // SAFETY: each iovec lies inside one RAM frame of `dom` (checked above), mapped for
-    // the domain's life and pinned (granted to the back-end) until `pins` drops after
-    // the call; the guest may change the bytes concurrently, which only changes what is
-    // written or read, never memory safety of the host.
+    // the domain's life and pinned until `pins` drops after the call.
     let r = unsafe {
         if read {
             disk.readv_raw(req.sector_number, &iov)

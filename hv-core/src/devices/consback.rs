@@ -70,10 +70,9 @@ struct Shared {
 impl Shared {
     fn word(&self, off: usize) -> Option<&AtomicU32> {
         let base = *self.page.get()?;
-        // SAFETY: `base` is the host address of the 4 KiB console page in the domain's
-        // RAM mapping, which lives as long as the domain (and this back-end, part of it);
-        // `off` is one of the four aligned index words; the guest writes them
-        // concurrently, so they are only accessed atomically.
+        // The guest writes these words concurrently, so they are only accessed atomically.
+        // SAFETY: `base` is the console page in the domain's RAM mapping, which outlives
+        // this back-end (part of the domain); `off` is one of the four aligned index words.
         Some(unsafe { &*((base + off) as *const AtomicU32) })
     }
 
