@@ -152,6 +152,16 @@ impl RingPage {
         }
     }
 
+    /// Moves the producer index at `prod` to `new` (slots first, then the index) and
+    /// returns whether the peer's event index at `event` asks for a notification.
+    fn publish(&self, prod: usize, event: usize, new: u32) -> bool {
+        let old = self.load(prod);
+        fence(Ordering::Release);
+        self.store(prod, new);
+        fence(Ordering::SeqCst);
+        need_notify(old, new, self.load(event))
+    }
+
     /// Zeroes the header and sets `req_event` = `rsp_event` = 1 (Xen's
     /// `SHARED_RING_INIT`). Only the front-end does this, before it connects.
     pub fn init(&self) {
@@ -226,12 +236,7 @@ impl<P: RingProtocol> FrontRing<P> {
     /// Publishes the requests put so far; returns `true` if the back-end must be
     /// notified (Xen's `RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`).
     pub fn push_requests(&mut self) -> bool {
-        let old = self.page.load(REQ_PROD);
-        let new = self.req_prod_pvt;
-        fence(Ordering::Release);
-        self.page.store(REQ_PROD, new);
-        fence(Ordering::SeqCst);
-        need_notify(old, new, self.page.load(REQ_EVENT))
+        self.page.publish(REQ_PROD, REQ_EVENT, self.req_prod_pvt)
     }
 
     /// Takes the next response, if the back-end produced one. A back-end that claims more
@@ -330,12 +335,7 @@ impl<P: RingProtocol> BackRing<P> {
 
     /// Publishes the responses put so far; `true` if the front-end must be notified.
     pub fn push_responses(&mut self) -> bool {
-        let old = self.page.load(RSP_PROD);
-        let new = self.rsp_prod_pvt;
-        fence(Ordering::Release);
-        self.page.store(RSP_PROD, new);
-        fence(Ordering::SeqCst);
-        need_notify(old, new, self.page.load(RSP_EVENT))
+        self.page.publish(RSP_PROD, RSP_EVENT, self.rsp_prod_pvt)
     }
 
     /// Asks for an event at the next request and returns `Ok(true)` if requests arrived
