@@ -88,6 +88,24 @@ impl GuestRun {
         };
         parsed.unwrap_or_else(|| panic!("{key}={v} is not an integer; console:\n{}", self.console))
     }
+
+    /// Panics, with the console output, unless the domain powered off with `code`.
+    pub fn assert_poweroff(&self, code: u8) {
+        assert!(
+            matches!(self.report.outcome, hv_core::Outcome::Poweroff { code: c } if c == code),
+            "expected poweroff {code}, got {}; console:\n{}",
+            self.report.outcome,
+            self.console
+        );
+    }
+
+    /// The first console line containing `needle`; panics with the console if none.
+    pub fn line_with(&self, needle: &str) -> &str {
+        self.console
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?}; console:\n{}", self.console))
+    }
 }
 
 /// Runs `elf` with `config` (its console is captured).

@@ -69,22 +69,6 @@ fn run_demo(name: &str, cmdline: &str, devices: Vec<DeviceSpec>, console: Consol
     run_elf(demo_kernel(), config).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-fn assert_poweroff(run: &GuestRun, code: u8) {
-    assert!(
-        matches!(run.report.outcome, Outcome::Poweroff { code: c } if c == code),
-        "expected poweroff {code}, got {}; console:\n{}",
-        run.report.outcome,
-        run.console
-    );
-}
-
-fn line_with<'a>(run: &'a GuestRun, needle: &str) -> &'a str {
-    run.console
-        .lines()
-        .find(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("no line with {needle:?}; console:\n{}", run.console))
-}
-
 /// Checks that `bytes` holds the pattern of `tag` in `start..end` and zeroes elsewhere.
 fn assert_pattern(bytes: &[u8], tag: u64, start: u64, end: u64, what: &str) {
     for (i, w) in bytes.chunks_exact(8).enumerate() {
@@ -113,42 +97,28 @@ fn pv_console_and_pv_block_workload_leaves_the_pattern_in_the_image() {
         vec![DeviceSpec::PvBlock(disk(img.clone(), size))],
         ConsoleSpec::default(),
     );
-    assert_poweroff(&run, 0);
-    line_with(
-        &run,
-        "demo devices: printing through the PV console (page 0x5000",
+    run.assert_poweroff(0);
+    run.line_with("demo devices: printing through the PV console (page 0x5000");
+    run.line_with("demo devices: device 0: console base 0x5000");
+    run.line_with("demo devices: device 1: uart base 0x3f8 size 8");
+    run.line_with(&format!(
+        "demo devices: device 2: pv-block base 0x0 size {} state initialising",
+        size / 512
+    ));
+    run.line_with(&format!(
+        "demo devices: pv block: device 2 connected ({} sectors)",
+        size / 512
+    ));
+    run.line_with("demo devices: pv block: wrote sectors 8..196 (96256 bytes) with 3 requests in flight (11 + 11 + 3 segments): 3 responses ok",
     );
-    line_with(&run, "demo devices: device 0: console base 0x5000");
-    line_with(&run, "demo devices: device 1: uart base 0x3f8 size 8");
-    line_with(
-        &run,
-        &format!(
-            "demo devices: device 2: pv-block base 0x0 size {} state initialising",
-            size / 512
-        ),
-    );
-    line_with(
-        &run,
-        &format!(
-            "demo devices: pv block: device 2 connected ({} sectors)",
-            size / 512
-        ),
-    );
-    line_with(
-        &run,
-        "demo devices: pv block: wrote sectors 8..196 (96256 bytes) with 3 requests in flight (11 + 11 + 3 segments): 3 responses ok",
-    );
-    line_with(&run, "demo devices: pv block: flush ok");
-    line_with(&run, "(beyond the disk) refused with ERANGE");
-    line_with(
-        &run,
+    run.line_with("demo devices: pv block: flush ok");
+    run.line_with("(beyond the disk) refused with ERANGE");
+    run.line_with(
         "demo devices: pv block: disconnected (state closed) and reconnected (state connected)",
     );
-    line_with(
-        &run,
-        "demo devices: pv block: read back 96256 bytes with 3 requests after the reconnect: pattern verified",
+    run.line_with("demo devices: pv block: read back 96256 bytes with 3 requests after the reconnect: pattern verified",
     );
-    line_with(&run, "demo devices: all parts passed");
+    run.line_with("demo devices: all parts passed");
     let bytes = std::fs::read(&img).expect("image");
     assert_eq!(bytes.len() as u64, size);
     assert_pattern(&bytes, TAG_PV, START, PV_END, "PV image");
@@ -171,9 +141,9 @@ fn pv_console_input_reaches_the_guest() {
             input: ConsoleInput::File(input),
         },
     );
-    assert_poweroff(&run, 0);
-    line_with(&run, "demo devices: console input: hello from the host");
-    line_with(&run, "demo devices: all parts passed");
+    run.assert_poweroff(0);
+    run.line_with("demo devices: console input: hello from the host");
+    run.line_with("demo devices: all parts passed");
 }
 
 #[test]
@@ -198,30 +168,23 @@ fn emulated_and_passthrough_workload_leaves_the_pattern_in_the_files() {
         ],
         ConsoleSpec::default(),
     );
-    assert_poweroff(&run, 0);
-    line_with(
-        &run,
-        &format!(
-            "demo devices-direct: device 2: emu-block base 0x410 size {} state connected",
-            disk_size / 512
-        ),
-    );
-    let l = line_with(&run, "demo devices-direct: device 3: passthrough base 0x");
+    run.assert_poweroff(0);
+    run.line_with(&format!(
+        "demo devices-direct: device 2: emu-block base 0x410 size {} state connected",
+        disk_size / 512
+    ));
+    let l = run.line_with("demo devices-direct: device 3: passthrough base 0x");
     assert!(
         l.ends_with(&format!("size {region_size} state connected")),
         "{l}"
     );
-    line_with(
-        &run,
-        "demo devices-direct: emulated block: device 2: wrote sectors 8..200 (98304 bytes) in 2 commands, flush ok, read back and verified; a read beyond the disk refused with ERANGE",
+    run.line_with("demo devices-direct: emulated block: device 2: wrote sectors 8..200 (98304 bytes) in 2 commands, flush ok, read back and verified; a read beyond the disk refused with ERANGE",
     );
-    line_with(
-        &run,
-        &format!(
+    run.line_with(&format!(
             "({region_size} bytes): wrote 98304 bytes with plain stores from ring 3, read back and verified"
         ),
     );
-    line_with(&run, "demo devices-direct: all parts passed");
+    run.line_with("demo devices-direct: all parts passed");
     let bytes = std::fs::read(&img).expect("image");
     assert_eq!(bytes.len() as u64, disk_size);
     assert_pattern(&bytes, TAG_EMU, START, EMU_END, "emulated image");
@@ -251,8 +214,8 @@ fn console_uart_prints_everything_through_the_uart() {
         ],
         ConsoleSpec::default(),
     );
-    assert_poweroff(&run, 0);
-    line_with(&run, "demo devices-direct: all parts passed");
+    run.assert_poweroff(0);
+    run.line_with("demo devices-direct: all parts passed");
     let stats = &run.report.stats;
     let console_calls = stats.ops[hv_abi::Op::ConsoleIo as usize].count;
     assert_eq!(console_calls, 0, "console hypercalls with console=uart");
@@ -283,8 +246,8 @@ fn blkbench(dev: &str, args: &str, file: PathBuf, size: u64) -> (GuestRun, u64, 
         ..DomainConfig::default()
     };
     let run = run_elf(demo_kernel(), config).unwrap_or_else(|e| panic!("blkbench {dev}: {e}"));
-    assert_poweroff(&run, 0);
-    let line = line_with(&run, &format!("blkbench dev={dev} "));
+    run.assert_poweroff(0);
+    let line = run.line_with(&format!("blkbench dev={dev} "));
     let field = |key: &str| -> u64 {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key))
@@ -348,10 +311,8 @@ fn blkbench_pv_needs_user_hypercalls() {
         ..DomainConfig::default()
     };
     let run = run_elf(demo_kernel(), config).expect("run");
-    assert_poweroff(&run, 1);
-    line_with(
-        &run,
-        "blkbench: FAILED: dev=pv notifies from ring 3: start the domain with allow_user_hypercalls",
+    run.assert_poweroff(1);
+    run.line_with("blkbench: FAILED: dev=pv notifies from ring 3: start the domain with allow_user_hypercalls",
     );
 }
 

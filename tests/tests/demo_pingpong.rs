@@ -4,7 +4,6 @@
 //! copy, revoke refused while mapped) and periodic timer
 //! (guest-kernel-demo/src/pingpong.rs).
 
-use hv_core::Outcome;
 use tests::{demo_kernel, kvm_available, run_domains_of, DomSpec, GuestRun};
 
 /// Runs demo domains with these (name, command line) pairs, connecting the pairs of
@@ -12,22 +11,6 @@ use tests::{demo_kernel, kvm_available, run_domains_of, DomSpec, GuestRun};
 fn run_demo(doms: &[(&'static str, &str)], connect: &[(usize, usize)]) -> Vec<GuestRun> {
     let specs: Vec<DomSpec> = doms.iter().map(|(n, c)| DomSpec::new(n, *c)).collect();
     run_domains_of(demo_kernel(), &specs, connect)
-}
-
-fn assert_poweroff(run: &GuestRun, code: u8) {
-    assert!(
-        matches!(run.report.outcome, Outcome::Poweroff { code: c } if c == code),
-        "expected poweroff {code}, got {}; console:\n{}",
-        run.report.outcome,
-        run.console
-    );
-}
-
-fn line_with<'a>(run: &'a GuestRun, needle: &str) -> &'a str {
-    run.console
-        .lines()
-        .find(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("no line with {needle:?}; console:\n{}", run.console))
 }
 
 /// The ticks a role printed: (at, due) in ns.
@@ -63,25 +46,22 @@ fn ping_and_pong_pass_every_part() {
     );
     let (ping, pong) = (&runs[0], &runs[1]);
     for run in [ping, pong] {
-        assert_poweroff(run, 0);
+        run.assert_poweroff(0);
         assert!(!run.console.contains("FAILED"), "{}", run.console);
     }
 
     // Each side found the other on its command line.
-    line_with(ping, "demo ping: domain 1, peer pong (domain 2) on port");
-    line_with(pong, "demo pong: domain 2, peer ping (domain 1) on port");
+    ping.line_with("demo ping: domain 1, peer pong (domain 2) on port");
+    pong.line_with("demo pong: domain 2, peer ping (domain 1) on port");
 
     // Part 0: each side's local event channels, wall clock and grant table size.
     for run in [ping, pong] {
-        let l = line_with(
-            run,
-            "local event channels ok: IPI upcall, mask/unmask, loopback pair",
-        );
+        let l = run.line_with("local event channels ok: IPI upcall, mask/unmask, loopback pair");
         assert!(l.ends_with("grant table 4 frames"), "{l}");
     }
 
     // Part 1: every round answered; a plausible average round trip.
-    let l = line_with(ping, "demo ping: ping-pong ok:");
+    let l = ping.line_with("demo ping: ping-pong ok:");
     assert!(l.contains(&format!("{rounds} rounds")), "{l}");
     let avg: u64 = l
         .split("average round trip ")
@@ -93,29 +73,22 @@ fn ping_and_pong_pass_every_part() {
         avg > 0 && avg < 1_000_000_000,
         "average round trip {avg} ns"
     );
-    line_with(
-        pong,
-        &format!("demo pong: ping-pong ok: answered {rounds} pings"),
-    );
+    pong.line_with(&format!("demo pong: ping-pong ok: answered {rounds} pings"));
 
     // Part 2: pong mapped ref 8 in its grant window; ping saw the grant in use and
     // could not revoke it until pong unmapped it, and saw pong's reply.
-    line_with(pong, "demo pong: grant map ok: mapped ref 8 of domain 1");
-    line_with(
-        ping,
+    pong.line_with("demo pong: grant map ok: mapped ref 8 of domain 1");
+    ping.line_with(
         "demo ping: grant map ok: pong read ref 8 and wrote its reply (256 words checked); \
          revoke refused while mapped, done after the unmap",
     );
     // Part 3: copy through a read-only grant.
-    line_with(
-        pong,
-        "demo pong: grant copy ok: 4096 bytes copied from ref 9 of domain 1",
-    );
-    line_with(ping, "demo ping: grant copy ok: pong copied ref 9; revoked");
+    pong.line_with("demo pong: grant copy ok: 4096 bytes copied from ref 9 of domain 1");
+    ping.line_with("demo ping: grant copy ok: pong copied ref 9; revoked");
 
     // Part 4: five ticks, 10 ms apart, never early.
     for run in [ping, pong] {
-        line_with(run, "timer ok: 5 ticks every 10 ms");
+        run.line_with("timer ok: 5 ticks every 10 ms");
         let t = ticks(run);
         assert_eq!(t.len(), 5, "{}", run.console);
         for (i, (at, due)) in t.iter().enumerate() {
@@ -127,7 +100,7 @@ fn ping_and_pong_pass_every_part() {
                 );
             }
         }
-        let l = line_with(run, "all parts passed");
+        let l = run.line_with("all parts passed");
         // The upcall interrupt handler ran (the ping-pong waits take upcalls).
         let upcalls: u64 = l
             .split('(')
@@ -145,11 +118,9 @@ fn an_unconnected_role_fails_clearly() {
         return;
     }
     let runs = run_demo(&[("ping", "role=ping peer=pong")], &[]);
-    assert_poweroff(&runs[0], 1);
-    line_with(
-        &runs[0],
-        "demo ping: FAILED: no valid evtchn.pong= and domid.pong= on the command line",
-    );
+    runs[0].assert_poweroff(1);
+    runs[0]
+        .line_with("demo ping: FAILED: no valid evtchn.pong= and domid.pong= on the command line");
 }
 
 #[test]
@@ -167,11 +138,8 @@ fn mismatched_rounds_fail_instead_of_hanging() {
         ],
         &[(0, 1)],
     );
-    assert_poweroff(&runs[1], 1);
-    line_with(&runs[1], "demo pong: FAILED: mapping ref 8 of domain 1");
-    assert_poweroff(&runs[0], 1);
-    line_with(
-        &runs[0],
-        "demo ping: FAILED: the peer is gone while waiting for pong's reply",
-    );
+    runs[1].assert_poweroff(1);
+    runs[1].line_with("demo pong: FAILED: mapping ref 8 of domain 1");
+    runs[0].assert_poweroff(1);
+    runs[0].line_with("demo ping: FAILED: the peer is gone while waiting for pong's reply");
 }

@@ -34,15 +34,6 @@ fn expect(run: &GuestRun, pairs: &[(&str, i64)]) {
     }
 }
 
-fn assert_poweroff(run: &GuestRun) {
-    assert!(
-        matches!(run.report.outcome, Outcome::Poweroff { code: 0 }),
-        "expected poweroff 0, got {}; console:\n{}",
-        run.report.outcome,
-        run.console
-    );
-}
-
 fn emu(path: &Path, create_size: Option<u64>, readonly: bool) -> DeviceSpec {
     DeviceSpec::EmuBlock(DiskSpec {
         path: path.to_path_buf(),
@@ -86,7 +77,7 @@ fn emulated_block_write_flush_read_and_the_image_after_exit() {
         "",
         with_devices(vec![emu(&img, Some(64 << 10), false)]),
     );
-    assert_poweroff(&run);
+    run.assert_poweroff(0);
     expect(
         &run,
         &[
@@ -143,7 +134,7 @@ fn emulated_block_register_errors() {
         "",
         with_devices(vec![emu(&img, Some(16 << 10), false), emu(&ro, None, true)]),
     );
-    assert_poweroff(&run);
+    run.assert_poweroff(0);
     let err = |e: i64| ERROR | e;
     expect(
         &run,
@@ -178,7 +169,7 @@ fn uart_output_of_a_guest_without_pv_console() {
         return;
     }
     let run = scenario_with("uart", "", DomainConfig::default());
-    assert_poweroff(&run);
+    run.assert_poweroff(0);
     assert!(
         run.console
             .lines()
@@ -261,7 +252,7 @@ fn passthrough_data_both_ways_without_exits() {
             create: false,
         })]),
     );
-    assert_poweroff(&run);
+    run.assert_poweroff(0);
     let gpa = run.int("pt_gpa") as u64;
     assert_eq!(gpa % (2 << 20), 0);
     expect(

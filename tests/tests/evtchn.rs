@@ -14,22 +14,13 @@ fn expect(run: &GuestRun, pairs: &[(&str, i64)]) {
     }
 }
 
-fn assert_poweroff(run: &GuestRun, code: u8) {
-    assert!(
-        matches!(run.report.outcome, hv_core::Outcome::Poweroff { code: c } if c == code),
-        "expected poweroff {code}, got {}; console:\n{}",
-        run.report.outcome,
-        run.console
-    );
-}
-
 #[test]
 fn one_domain_ports_upcalls_timer_poll() {
     if !kvm_available() {
         return;
     }
     let run = scenario("evtchn-local", "");
-    assert_poweroff(&run, 0);
+    run.assert_poweroff(0);
     assert!(run.console.contains("evtchn-local ok"), "{}", run.console);
     expect(
         &run,
@@ -110,7 +101,7 @@ fn two_domains_ping_pong() {
         &[(0, 1)],
     );
     for r in &runs {
-        assert_poweroff(r, 0);
+        r.assert_poweroff(0);
         expect(r, &[("rounds_done", 50), ("last_port_ok", 1)]);
         assert!(r.int("port") > 0);
     }
@@ -130,9 +121,9 @@ fn hostile_binds_and_a_dying_peer() {
         &[(0, 1)],
     );
     // The peer's death does not disturb the survivor.
-    assert_poweroff(&runs[1], 7);
+    runs[1].assert_poweroff(7);
     let r = &runs[0];
-    assert_poweroff(r, 0);
+    r.assert_poweroff(0);
     assert!(r.console.contains("evtchn-hostile ok"), "{}", r.console);
     expect(
         r,
@@ -159,7 +150,7 @@ fn several_vcpus_per_domain_run_concurrently() {
     pong.vcpus = 2;
     let runs = run_domains(&[ping, pong], &[(0, 1)]);
     for r in &runs {
-        assert_poweroff(r, 0);
+        r.assert_poweroff(0);
         expect(r, &[("rounds_done", 10)]);
     }
 }
@@ -174,7 +165,7 @@ fn ipis_and_moved_ports_reach_the_second_vcpu() {
         ..hv_core::DomainConfig::default()
     };
     let run = tests::scenario_with("evtchn-smp", "", config);
-    assert_poweroff(&run, 0);
+    run.assert_poweroff(0);
     assert!(run.console.contains("evtchn-smp ok"), "{}", run.console);
     expect(
         &run,

@@ -29,15 +29,6 @@ fn expect(run: &GuestRun, pairs: &[(&str, i64)]) {
     }
 }
 
-fn assert_poweroff(run: &GuestRun) {
-    assert!(
-        matches!(run.report.outcome, hv_core::Outcome::Poweroff { code: 0 }),
-        "expected poweroff 0, got {}; console:\n{}",
-        run.report.outcome,
-        run.console
-    );
-}
-
 #[test]
 fn two_domains_map_copy_share_and_revoke() {
     if !kvm_available() {
@@ -51,8 +42,8 @@ fn two_domains_map_copy_share_and_revoke() {
         &[(0, 1)],
     );
     let (a, b) = (&runs[0], &runs[1]);
-    assert_poweroff(a);
-    assert_poweroff(b);
+    a.assert_poweroff(0);
+    b.assert_poweroff(0);
 
     // Table size and location.
     expect(
@@ -223,8 +214,8 @@ fn granter_dies_while_mapped_and_the_mapper_survives() {
         &[(0, 1)],
     );
     let (a, b) = (&runs[0], &runs[1]);
-    assert_poweroff(a);
-    assert_poweroff(b);
+    a.assert_poweroff(0);
+    b.assert_poweroff(0);
     assert!(b.console.contains("survivor ok"), "{}", b.console);
     expect(
         b,

@@ -76,15 +76,6 @@ fn expect(run: &GuestRun, pairs: &[(&str, i64)]) {
     }
 }
 
-fn assert_poweroff(run: &GuestRun) {
-    assert!(
-        matches!(run.report.outcome, Outcome::Poweroff { code: 0 }),
-        "expected poweroff 0, got {}; console:\n{}",
-        run.report.outcome,
-        run.console
-    );
-}
-
 #[test]
 fn every_request_kind_and_refusal_and_the_image_after_exit() {
     if !kvm_available() {
@@ -103,7 +94,7 @@ fn every_request_kind_and_refusal_and_the_image_after_exit() {
         ..DomainConfig::default()
     };
     let run = scenario_with("blk", "", config);
-    assert_poweroff(&run);
+    run.assert_poweroff(0);
 
     // The device table and start_info.
     expect(
@@ -284,7 +275,7 @@ fn a_broken_ring_closes_the_device_and_a_new_ring_connects() {
         ..DomainConfig::default()
     };
     let run = scenario_with("blk-overflow", "", config);
-    assert_poweroff(&run);
+    run.assert_poweroff(0);
     expect(
         &run,
         &[

@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use hv_core::devices::{ConsoleInput, ConsoleSpec};
-use hv_core::{DomainConfig, Outcome};
-use tests::{kvm_available, scenario_with, GuestRun};
+use hv_core::DomainConfig;
+use tests::{kvm_available, scenario_with};
 
 struct TempDir(PathBuf);
 
@@ -25,15 +25,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn assert_poweroff(run: &GuestRun) {
-    assert!(
-        matches!(run.report.outcome, Outcome::Poweroff { code: 0 }),
-        "expected poweroff 0, got {}; console:\n{}",
-        run.report.outcome,
-        run.console
-    );
 }
 
 /// The console text the `pvcons` scenario writes through the ring, in order.
@@ -61,7 +52,7 @@ fn output_through_the_ring_reaches_the_console_in_order() {
         return;
     }
     let run = scenario_with("pvcons", "", DomainConfig::default());
-    assert_poweroff(&run);
+    run.assert_poweroff(0);
     // The console port is bound to hv before entry: interdomain with DOMID_HV.
     assert!(run.int("cons_port") > 0);
     assert_eq!(run.int("cons_port_status"), 2);
@@ -101,7 +92,7 @@ fn output_goes_to_a_file_and_input_from_a_file_is_echoed() {
         ..DomainConfig::default()
     };
     let run = scenario_with("pvcons", "echo=21", config);
-    assert_poweroff(&run);
+    run.assert_poweroff(0);
     // Everything went to the file (the early console's lines too), nothing elsewhere.
     assert!(run.console.is_empty(), "{}", run.console);
     let out = std::fs::read_to_string(&output).unwrap();
