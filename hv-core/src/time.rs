@@ -7,11 +7,16 @@
 //!
 //! Timers are served by one process-wide thread that sleeps until the earliest
 //! deadline, so a thousand idle domains cost one thread, not a thousand.
+//!
+//! Each vCPU's timer is a generation number behind a mutex. Setting or cancelling the
+//! timer bumps it; an expiry raises `VIRQ_TIMER` only if its generation is still the
+//! current one, and checks and raises under the same lock. So once `set_timer_op`
+//! returns, no earlier setting of that vCPU's timer can still fire: an expiry either
+//! raised its event before the call took the lock, or sees the new generation.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, Weak};
+use std::sync::{Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -31,9 +36,20 @@ const MSR_TSC: u32 = 0x10;
 #[derive(Debug)]
 pub struct DomainTime {
     t0: Instant,
-    /// Per vCPU: bumped whenever its timer is set or cancelled, so stale expiries are
-    /// ignored.
-    timer_gen: Vec<AtomicU64>,
+    /// Per vCPU: the timer's generation, bumped whenever it is set or cancelled, so
+    /// stale expiries are ignored. Expiries check and raise under this lock.
+    timer_gen: Vec<Mutex<u64>>,
+}
+
+/// What [`DomainTime::arm`] did with a `set_timer_op` request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Armed {
+    /// The timer was cancelled (timeout 0).
+    Cancelled,
+    /// The timeout had already passed: the event was raised during the call.
+    Raised,
+    /// The timer is due at this instant, with this generation (for [`DomainTime::fire`]).
+    At(Instant, u64),
 }
 
 impl DomainTime {
@@ -41,7 +57,7 @@ impl DomainTime {
     pub fn new(nr_vcpus: u32) -> DomainTime {
         DomainTime {
             t0: Instant::now(),
-            timer_gen: (0..nr_vcpus).map(|_| AtomicU64::new(0)).collect(),
+            timer_gen: (0..nr_vcpus).map(|_| Mutex::new(0)).collect(),
         }
     }
 
@@ -53,6 +69,38 @@ impl DomainTime {
     /// The host instant of system time `ns`.
     pub fn instant_of(&self, ns: u64) -> Instant {
         self.t0 + Duration::from_nanos(ns)
+    }
+
+    /// Sets vCPU `vcpu`'s one-shot timer to absolute system time `timeout` ns (0
+    /// cancels), replacing any earlier setting. A timeout already passed is raised at
+    /// once with `raise`, under the timer's lock. `EINVAL` for a vCPU out of range.
+    pub fn arm(&self, vcpu: u32, timeout: u64, raise: impl FnOnce()) -> Result<Armed, Errno> {
+        let slot = self.timer_gen.get(vcpu as usize).ok_or(Errno::EINVAL)?;
+        let mut gen = slot.lock().map_err(|_| Errno::EIO)?;
+        *gen = gen.wrapping_add(1);
+        if timeout == 0 {
+            return Ok(Armed::Cancelled);
+        }
+        if timeout <= self.now_ns() {
+            raise();
+            return Ok(Armed::Raised);
+        }
+        Ok(Armed::At(self.instant_of(timeout), *gen))
+    }
+
+    /// An expiry of vCPU `vcpu`'s timer set with generation `gen`: calls `raise` if
+    /// that setting is still the current one (not set again, not cancelled), holding
+    /// the timer's lock meanwhile so that a concurrent [`arm`](Self::arm) waits for it.
+    /// Returns whether it raised.
+    pub fn fire(&self, vcpu: u32, gen: u64, raise: impl FnOnce()) -> bool {
+        let Some(Ok(current)) = self.timer_gen.get(vcpu as usize).map(Mutex::lock) else {
+            return false;
+        };
+        if *current != gen {
+            return false;
+        }
+        raise();
+        true
     }
 
     /// Writes the wall clock at system time 0 into shared_info.
@@ -211,34 +259,27 @@ fn fire(r: &TimerReq) {
     let Some(dom) = r.dom.upgrade() else {
         return;
     };
-    let current = dom
-        .time
-        .timer_gen
-        .get(r.vcpu as usize)
-        .map(|g| g.load(Ordering::Acquire));
-    if current == Some(r.gen) && !dom.is_stopping() {
-        crate::evtchn::raise_virq(&dom, r.vcpu, VIRQ_TIMER);
-    }
+    dom.time.fire(r.vcpu, r.gen, || {
+        if !dom.is_stopping() {
+            crate::evtchn::raise_virq(&dom, r.vcpu, VIRQ_TIMER);
+        }
+    });
 }
 
 /// `set_timer_op(timeout)` for vCPU `vcpu`: arms its one-shot timer at absolute
 /// system time `timeout` ns (0 cancels).
 pub fn set_timer_op(dom: &DomainShared, vcpu: u32, timeout: u64) -> Result<u64, Errno> {
-    let g = dom.time.timer_gen.get(vcpu as usize).ok_or(Errno::EINVAL)?;
-    let gen = g.fetch_add(1, Ordering::AcqRel) + 1;
-    if timeout == 0 {
+    let armed = dom.time.arm(vcpu, timeout, || {
+        crate::evtchn::raise_virq(dom, vcpu, VIRQ_TIMER)
+    })?;
+    let Armed::At(at, gen) = armed else {
         return Ok(0);
-    }
-    if timeout <= dom.time.now_ns() {
-        crate::evtchn::raise_virq(dom, vcpu, VIRQ_TIMER);
-        return Ok(0);
-    }
+    };
     let weak = dom
         .registry
         .get(dom.domid)
         .map(|a| std::sync::Arc::downgrade(&a))
         .ok_or(Errno::ESRCH)?;
-    let at = dom.time.instant_of(timeout);
     timer_thread()
         .send(TimerReq {
             at,
@@ -253,6 +294,99 @@ pub fn set_timer_op(dom: &DomainShared, vcpu: u32, timeout: u64) -> Result<u64, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::{mpsc, Arc};
+
+    fn armed_at(time: &DomainTime, vcpu: u32, ahead_ns: u64) -> u64 {
+        match time.arm(vcpu, time.now_ns() + ahead_ns, || panic!("raised early")) {
+            Ok(Armed::At(_, gen)) => gen,
+            other => panic!("arm gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cancel_waits_for_an_expiry_that_is_raising() {
+        // The race of defect 2: an expiry has checked the generation and is raising
+        // the event when the guest cancels. The cancel must not return before the
+        // raise is done (else the guest sees its cancelled timer fire afterwards).
+        let time = Arc::new(DomainTime::new(1));
+        let gen = armed_at(&time, 0, 60_000_000_000);
+        let raised = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = mpsc::channel();
+        let expiry = {
+            let (time, raised) = (time.clone(), raised.clone());
+            std::thread::spawn(move || {
+                time.fire(0, gen, || {
+                    started_tx.send(()).expect("main thread waits");
+                    std::thread::sleep(Duration::from_millis(100));
+                    raised.store(true, Ordering::SeqCst);
+                })
+            })
+        };
+        started_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the expiry started raising");
+        assert_eq!(
+            time.arm(0, 0, || panic!("a cancel raises nothing")),
+            Ok(Armed::Cancelled)
+        );
+        assert!(
+            raised.load(Ordering::SeqCst),
+            "the cancel returned while the expiry was still raising"
+        );
+        assert!(expiry.join().expect("expiry thread"));
+        // The cancelled setting is dead now: its expiry raises nothing.
+        assert!(!time.fire(0, gen, || panic!("stale expiry raised")));
+    }
+
+    #[test]
+    fn no_expiry_of_a_cancelled_or_replaced_timer_raises() {
+        let time = DomainTime::new(2);
+        let g1 = armed_at(&time, 1, 60_000_000_000);
+        let g2 = armed_at(&time, 1, 60_000_000_000);
+        assert_ne!(g1, g2);
+        assert!(!time.fire(1, g1, || panic!("replaced setting raised")));
+        // vCPU 0's timer is independent of vCPU 1's.
+        let g0 = armed_at(&time, 0, 60_000_000_000);
+        assert!(time.fire(0, g0, || {}));
+        assert_eq!(time.arm(1, 0, || {}), Ok(Armed::Cancelled));
+        assert!(!time.fire(1, g2, || panic!("cancelled setting raised")));
+        assert_eq!(time.arm(2, 0, || {}), Err(Errno::EINVAL));
+        assert!(!time.fire(2, 0, || panic!("no such vCPU")));
+        // A timeout already passed raises during the call.
+        let mut raised = false;
+        assert_eq!(time.arm(0, 1, || raised = true), Ok(Armed::Raised));
+        assert!(raised);
+    }
+
+    #[test]
+    fn concurrent_expiries_and_cancels_never_raise_after_a_cancel_returned() {
+        // Many rounds of an expiry thread racing a cancel: after each cancel returns,
+        // the count of raises must not change any more for that setting.
+        let time = Arc::new(DomainTime::new(1));
+        let raises = Arc::new(AtomicU32::new(0));
+        for _ in 0..2000 {
+            let gen = armed_at(&time, 0, 60_000_000_000);
+            let expiry = {
+                let (time, raises) = (time.clone(), raises.clone());
+                std::thread::spawn(move || {
+                    time.fire(0, gen, || {
+                        std::thread::yield_now();
+                        raises.fetch_add(1, Ordering::SeqCst);
+                    })
+                })
+            };
+            std::thread::yield_now();
+            time.arm(0, 0, || {}).expect("cancel");
+            let after_cancel = raises.load(Ordering::SeqCst);
+            let fired = expiry.join().expect("expiry thread");
+            assert_eq!(
+                raises.load(Ordering::SeqCst),
+                after_cancel,
+                "an expiry raised after the cancel returned (it fired: {fired})"
+            );
+        }
+    }
 
     #[test]
     fn scale_matches_frequency() {
