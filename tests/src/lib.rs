@@ -5,8 +5,10 @@ pub mod evtchn_model;
 pub mod grant_model;
 pub mod mmu_model;
 
-use std::sync::OnceLock;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::Duration;
 
+use hv_core::hypervisor::Hypervisor;
 use hv_core::{ConsoleSink, DomainConfig, DomainError, DomainReport};
 use kvm_ioctls::Kvm;
 
@@ -108,11 +110,67 @@ impl GuestRun {
     }
 }
 
-/// Runs `elf` with `config` (its console is captured).
+/// How long one guest run of a test may take before the test destroys its domains
+/// and fails (`HV_TEST_TIMEOUT_S`, default 240 s): a hung guest fails loudly instead
+/// of hanging the suite.
+pub fn run_timeout() -> Duration {
+    let secs = std::env::var("HV_TEST_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(240);
+    Duration::from_secs(secs)
+}
+
+/// Runs the domains created in `hv` until all have ended, as [`Hypervisor::run`], but
+/// destroys them and panics (with `what` and their consoles so far) if that takes
+/// longer than [`run_timeout`].
+pub fn run_bounded(
+    hv: Hypervisor,
+    what: &str,
+    consoles: &[Arc<Mutex<Vec<u8>>>],
+) -> Vec<hv_core::hypervisor::DomainResult> {
+    let running = hv.start();
+    let domains: Vec<_> = running.domains().cloned().collect();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let timeout = run_timeout();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(timeout) == Err(mpsc::RecvTimeoutError::Timeout) {
+            for d in &domains {
+                d.finish(hv_core::Outcome::Destroyed);
+            }
+            return true;
+        }
+        false
+    });
+    let results = running.wait();
+    let _ = done_tx.send(());
+    if watchdog.join().unwrap_or(false) {
+        let text: Vec<String> = consoles
+            .iter()
+            .map(|b| String::from_utf8_lossy(&b.lock().expect("console buffer")).into_owned())
+            .collect();
+        panic!(
+            "{what}: the guests did not finish within {} s (HV_TEST_TIMEOUT_S); \
+             destroyed. Consoles:\n{}",
+            timeout.as_secs(),
+            text.join("\n----\n")
+        );
+    }
+    results
+}
+
+/// Runs `elf` with `config` (its console is captured), bounded by [`run_timeout`].
 pub fn run_elf(elf: &[u8], mut config: DomainConfig) -> Result<GuestRun, DomainError> {
     let (sink, buf) = ConsoleSink::capture();
     config.console = sink;
-    let report = hv_core::domain::run_elf(&kvm(), config, elf)?;
+    let image = hv_core::loader::KernelImage::from_elf(elf)?;
+    let mut hv = Hypervisor::new(kvm());
+    let what = format!("domain {}", config.name);
+    hv.create_domain(config, &image)?;
+    let result = run_bounded(hv, &what, std::slice::from_ref(&buf))
+        .pop()
+        .expect("one domain");
+    let report = result.report?;
     let console = String::from_utf8_lossy(&buf.lock().expect("console buffer")).into_owned();
     Ok(GuestRun { report, console })
 }
@@ -163,7 +221,7 @@ pub fn run_domains(specs: &[DomSpec], connect: &[(usize, usize)]) -> Vec<GuestRu
 /// [`run_domains`] with another kernel ELF (for example [`demo_kernel`]).
 pub fn run_domains_of(elf: &[u8], specs: &[DomSpec], connect: &[(usize, usize)]) -> Vec<GuestRun> {
     let image = hv_core::loader::KernelImage::from_elf(elf).expect("kernel loads");
-    let mut hv = hv_core::hypervisor::Hypervisor::new(kvm());
+    let mut hv = Hypervisor::new(kvm());
     let mut bufs = Vec::new();
     let mut ids = Vec::new();
     for (i, s) in specs.iter().enumerate() {
@@ -185,7 +243,8 @@ pub fn run_domains_of(elf: &[u8], specs: &[DomSpec], connect: &[(usize, usize)])
     for (a, b) in connect {
         hv.connect(ids[*a], ids[*b]).expect("connect domains");
     }
-    hv.run()
+    let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+    run_bounded(hv, &format!("domains {names:?}"), &bufs)
         .into_iter()
         .zip(bufs)
         .map(|(r, buf)| {
