@@ -7,6 +7,7 @@
 //! | `evtchn-ping` / `evtchn-pong` | two connected domains: `rounds=N` round trips; pong blocks, replies |
 //! | `evtchn-hostile` | bind to a port not offered, foreign ports, dead peer (needs a connected peer `evtchn-die`) |
 //! | `evtchn-die` | connected: waits for one event, then powers off (exit 7) |
+//! | `evtchn-timer-race` | `rounds=N` timers armed just ahead and cancelled: none fires after its cancel returned |
 //! | `evtchn-smp` | 2 vCPUs: an IPI port bound to vCPU 1, a port moved to vCPU 1 with `BIND_VCPU`, each taken by vCPU 1's own upcall vector |
 
 use core::cell::UnsafeCell;
@@ -30,6 +31,9 @@ use guest_sdk::{cmdline, poweroff, println};
 
 /// The upcall vector the scenarios use.
 const VECTOR: u64 = 0x40;
+
+/// How far ahead `evtchn-local` arms the timer it cancels.
+const CANCEL_AHEAD_NS: u64 = 50_000_000;
 
 /// Upcalls taken (incremented by the handler).
 static UPCALLS: AtomicU64 = AtomicU64::new(0);
@@ -523,9 +527,10 @@ pub fn local(_si: &StartInfo) -> ! {
     let t0 = now_ns();
     let before = UPCALLS.load(Ordering::Acquire);
     println!("set_timer={}", set_timer(t0 + 2_000_000));
+    let fired = || UPCALLS.load(Ordering::Acquire) != before;
     let mut blocks = 0;
-    while UPCALLS.load(Ordering::Acquire) == before && blocks < 100 {
-        block_masked();
+    while !fired() && blocks < 100 {
+        block_unless(&fired);
         blocks += 1;
     }
     let waited = now_ns() - t0;
@@ -540,19 +545,38 @@ pub fn local(_si: &StartInfo) -> ! {
     );
     println!("timer_waited_ge_2ms={}", (waited >= 2_000_000) as u8);
     println!("timer_waited_lt_1s={}", (waited < 1_000_000_000) as u8);
-    // A cancelled timer does not fire.
-    let before = UPCALLS.load(Ordering::Acquire);
-    set_timer(now_ns() + 1_000_000);
-    println!("cancel={}", set_timer(0));
+    // A cancelled timer does not fire. Armed 50 ms ahead and cancelled by the next
+    // hypercall; a cancel that returned after the deadline (a machine so loaded that
+    // 50 ms passed in between) proves nothing, so such an attempt is made again, up
+    // to 5 times (`cancel_in_time` says whether one was in time).
+    let (_, quiet) = bind_ipi();
+    let mut attempt = 0;
+    let (before, deadline, cancel, in_time) = loop {
+        let before = UPCALLS.load(Ordering::Acquire);
+        let deadline = now_ns() + CANCEL_AHEAD_NS;
+        set_timer(deadline);
+        let cancel = set_timer(0);
+        let in_time = now_ns() < deadline;
+        attempt += 1;
+        if in_time || attempt == 5 {
+            break (before, deadline, cancel, in_time);
+        }
+        // A late timer may have fired before its cancel: let its upcall arrive
+        // before the next attempt counts again.
+        poll(&[quiet], now_ns() + 5_000_000);
+    };
+    println!("cancel={cancel}");
+    println!("cancel_in_time={}", in_time as u8);
 
     // Poll with a timeout on a port nobody sends to.
-    let (_, quiet) = bind_ipi();
     let t0 = now_ns();
     println!("poll={}", poll(&[quiet], t0 + 3_000_000));
     let waited = now_ns() - t0;
     println!("poll_waited_ge_3ms={}", (waited >= 3_000_000) as u8);
     println!("poll_bad_port={}", poll(&[0], 0));
     println!("poll_too_many={}", poll(&[quiet; 129], 0));
+    // Sleep past the cancelled deadline, then count.
+    poll(&[quiet], deadline + 5_000_000);
     println!(
         "timer_after_cancel={}",
         UPCALLS.load(Ordering::Acquire) - before
@@ -639,10 +663,25 @@ fn peer_domid(si: &StartInfo, peer: &[u8]) -> u32 {
         .unwrap_or(u64::MAX) as u32
 }
 
-/// Sleeps in `SCHEDOP_BLOCK` the race-free way, with RFLAGS.IF set throughout:
-/// upcalls masked while deciding to block; block unmasks atomically; the hypervisor
-/// raises the upcall again on return if one is pending, so the handler runs then.
-fn block_masked() {
+/// Sleeps in `SCHEDOP_BLOCK` until `done` holds, the race-free way, with RFLAGS.IF set
+/// throughout (SPEC §8.3): upcalls are masked *before* the last check of `done`, so an
+/// event that arrives between that check and the block sets `upcall_pending` (the
+/// block then returns at once) instead of being consumed by an upcall the check did
+/// not see; events found pending while masked are handled directly. The block unmasks
+/// atomically; the hypervisor raises the upcall again on return if one is pending.
+///
+/// (Checking `done` only *before* masking lost wake-ups: an upcall taken between the
+/// check and the mask consumed the event and cleared `upcall_pending`, and the block
+/// then slept forever. That was the ping-pong hang.)
+fn block_until(done: impl Fn() -> bool) {
+    while !done() {
+        block_unless(&done);
+    }
+}
+
+/// One step of [`block_until`]: masks upcalls, then handles what is pending, or
+/// returns if `done` holds, or sleeps in `SCHEDOP_BLOCK`.
+fn block_unless(done: &impl Fn() -> bool) {
     vcpu0_mask().store(1, Ordering::Release);
     if vcpu0_pending().load(Ordering::Acquire) != 0 {
         // Something arrived while masked: handle it instead of sleeping.
@@ -650,14 +689,16 @@ fn block_masked() {
         tg_upcall();
         return;
     }
+    if done() {
+        vcpu0_mask().store(0, Ordering::Release);
+        return;
+    }
     block();
 }
 
 /// Waits (blocking) until the handler has counted more than `seen` events.
 fn wait_event(seen: u64) -> u64 {
-    while EVENTS.load(Ordering::Acquire) <= seen {
-        block_masked();
-    }
+    block_until(|| EVENTS.load(Ordering::Acquire) > seen);
     EVENTS.load(Ordering::Acquire)
 }
 
@@ -692,6 +733,51 @@ pub fn ping_pong(si: &StartInfo, ping: bool) -> ! {
     if ping {
         println!("round_trip_ns={}", dt / rounds.max(1));
     }
+    poweroff(0)
+}
+
+/// `evtchn-timer-race rounds=N`: arms VIRQ_TIMER a little ahead (0 to 1.5 ms) and
+/// cancels it with the next hypercall, N times, on a masked port (no upcalls: the
+/// pending bit is the observation). A timer may fire before its cancel returned (the
+/// bit is then set when the cancel returns); once the cancel returned, the bit must
+/// not become set any more (checked after sleeping past the deadline).
+pub fn timer_race(si: &StartInfo) -> ! {
+    let rounds = cmdline::value(si.cmdline_bytes(), b"rounds")
+        .and_then(cmdline::parse_u64)
+        .unwrap_or(300);
+    let mut b = EvtchnBindVcpu {
+        virq: VIRQ_TIMER,
+        vcpu: 0,
+        ..Default::default()
+    };
+    let r = evtchn_op(EVTCHNOP_BIND_VIRQ, &mut b);
+    let port = b.port;
+    set_mask(port, true);
+    let (_, quiet) = bind_ipi();
+    println!("bind_virq={r}");
+    let (mut fired_before, mut cancelled, mut late_fires, mut errors) = (0u64, 0u64, 0u64, 0u64);
+    for i in 0..rounds {
+        pending_word(port as usize / 64).fetch_and(!(1 << (port % 64)), Ordering::AcqRel);
+        let deadline = now_ns() + (i % 16) * 100_000;
+        if set_timer(deadline) != 0 || set_timer(0) != 0 {
+            errors += 1;
+        }
+        let at_cancel = is_pending(port);
+        poll(&[quiet], deadline.max(now_ns()) + 2_000_000);
+        let later = is_pending(port);
+        if at_cancel {
+            fired_before += 1;
+        } else if later {
+            late_fires += 1;
+        } else {
+            cancelled += 1;
+        }
+    }
+    println!("timer_race_rounds={rounds}");
+    println!("timer_race_errors={errors}");
+    println!("timer_race_fired_before_cancel={fired_before}");
+    println!("timer_race_cancelled={cancelled}");
+    println!("timer_race_fired_after_cancel={late_fires}");
     poweroff(0)
 }
 

@@ -79,6 +79,7 @@ fn main(si: &'static StartInfo) -> ! {
         b"evtchn-hostile" => evtchn::hostile(si),
         b"evtchn-die" => evtchn::die(si),
         b"evtchn-smp" => evtchn::smp(si),
+        b"evtchn-timer-race" => evtchn::timer_race(si),
         b"grant-a" => grant::granter(si),
         b"grant-b" => grant::mapper(si),
         b"grant-die-a" => grant::dying_granter(si),
