@@ -225,6 +225,12 @@ fn cancelled_timers_never_fire_after_the_cancel() {
             run.console
         );
         assert!(run.int("timer_race_cancelled") > 0, "{}", run.console);
+        eprintln!(
+            "timer race: {} fired before the cancel, {} cancelled, longest arm-to-cancel {} us",
+            run.int("timer_race_fired_before_cancel"),
+            run.int("timer_race_cancelled"),
+            run.int("timer_race_max_arm_to_cancel_ns") / 1000
+        );
     };
     check(&scenario("evtchn-timer-race", "rounds=400"));
     let _hogs = Hogs::start();
