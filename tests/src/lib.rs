@@ -129,7 +129,16 @@ pub fn run_bounded(
     what: &str,
     consoles: &[Arc<Mutex<Vec<u8>>>],
 ) -> Vec<hv_core::hypervisor::DomainResult> {
-    let running = hv.start();
+    wait_bounded(hv.start(), what, consoles)
+}
+
+/// Waits for started domains as [`Running::wait`](hv_core::hypervisor::Running::wait),
+/// bounded by [`run_timeout`] as [`run_bounded`].
+pub fn wait_bounded(
+    running: hv_core::hypervisor::Running,
+    what: &str,
+    consoles: &[Arc<Mutex<Vec<u8>>>],
+) -> Vec<hv_core::hypervisor::DomainResult> {
     let domains: Vec<_> = running.domains().cloned().collect();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let timeout = run_timeout();

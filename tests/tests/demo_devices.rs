@@ -339,8 +339,9 @@ fn the_devices_example_runs_and_fills_its_images() {
             sink
         })
         .expect("domains are created");
-    let results = hv.run();
     let consoles = bufs.into_inner().unwrap();
+    let buffers: Vec<_> = consoles.iter().map(|(_, b)| b.clone()).collect();
+    let results = tests::run_bounded(hv, "examples/devices.toml", &buffers);
     for (r, (name, buf)) in results.iter().zip(&consoles) {
         let console = String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
         assert_eq!(&r.name, name);

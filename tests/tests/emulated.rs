@@ -338,7 +338,7 @@ fn passthrough_is_exclusive_and_detach_reassign_work() {
     hv.create_domain(cb, &image).unwrap();
     assert_eq!(hv.regions().owner(&file), Some(2));
 
-    let results = hv.run();
+    let results = tests::run_bounded(hv, "passthrough a, b", &[buf_a.clone(), buf_b.clone()]);
     // a's region is gone from its guest-physical space: its first access is an exit
     // to hv for memory no one has, and a dies of it.
     let ra = results[0].report.as_ref().unwrap();
@@ -413,7 +413,7 @@ fn passthrough_detach_from_a_running_domain() {
     assert_eq!(registry.regions.owner(&file), None);
     assert!(running.detach_region(1, &file).is_err());
     let dom = running.domains().next().unwrap().clone();
-    let results = running.wait();
+    let results = tests::wait_bounded(running, "pt-spin", std::slice::from_ref(&buf));
     let r = results[0].report.as_ref().unwrap();
     match &r.outcome {
         Outcome::Crash(c) => match &c.reason {

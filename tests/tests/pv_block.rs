@@ -366,7 +366,7 @@ fn a_write_is_in_the_file_when_answered_and_a_flush_is_answered_after_fdatasync(
     assert_eq!((s.requests, s.flushes, s.errors), (2, 1, 0));
 
     dom.mem.write_obj(go, &2u64).unwrap();
-    let results = running.wait();
+    let results = tests::wait_bounded(running, "blk-flush", std::slice::from_ref(&buf));
     let report = results[0].report.as_ref().expect("ran");
     assert!(
         matches!(report.outcome, Outcome::Poweroff { code: 0 }),
