@@ -134,6 +134,9 @@ pub enum DomainError {
     /// Upcall delivery (irqchip, irqfds) could not be set up.
     #[error("{0}")]
     Upcall(#[from] UpcallError),
+    /// Event channels could not be set up.
+    #[error("{0}")]
+    Evtchn(#[from] crate::evtchn::EvtchnError),
     /// Two domains could not be connected.
     #[error("cannot connect the domains: {0}")]
     Connect(hv_abi::Errno),
@@ -231,11 +234,11 @@ pub struct DomainShared {
     /// The hypervisor's live domains (for event channels and grants).
     pub registry: Arc<Registry>,
     /// Event channels.
-    pub evtchn: EventChannels,
+    pub evtchn: Arc<EventChannels>,
     /// Upcall delivery: irqfds, vectors, and where blocked vCPUs sleep.
-    pub upcall: Upcall,
+    pub upcall: Arc<Upcall>,
     /// System time and timers.
-    pub time: DomainTime,
+    pub time: Arc<DomainTime>,
     /// Grant tables.
     pub grants: Grants,
     /// Devices: the device table and the back-ends.
@@ -260,6 +263,7 @@ impl DomainShared {
     /// Stops every vCPU: sets the flag, wakes waiting vCPUs, kicks running ones.
     pub fn request_stop(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.time.stop();
         if let Ok(_g) = self.vcpu_states.lock() {
             self.vcpu_cv.notify_all();
         }
@@ -472,7 +476,7 @@ impl DomainShared {
                 self.registry.remove(self.domid);
             }
         }
-        crate::evtchn::destroy(self);
+        self.evtchn.destroy(&*self.registry);
         crate::grant::destroy(self);
     }
 
@@ -684,9 +688,15 @@ impl Domain {
             }
             vcpus.push(v);
         }
-        let time = DomainTime::new(config.vcpus);
+        let upcall = Arc::new(upcall);
+        let evtchn = Arc::new(EventChannels::new(
+            config.domid,
+            config.vcpus,
+            &mem,
+            upcall.clone(),
+        )?);
+        let time = Arc::new(DomainTime::new(config.vcpus, evtchn.clone()));
         time.publish_wallclock(&mem);
-        let evtchn = EventChannels::new(mem.host_address(layout::SHARED_INFO_GPA)?, config.vcpus);
         let mut states = vec![VcpuState::Down; config.vcpus as usize];
         states[0] = VcpuState::Up(VcpuContext::default());
         let shared = Arc::new(DomainShared {

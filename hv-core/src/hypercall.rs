@@ -76,8 +76,14 @@ pub fn dispatch(
         Some(Op::ConsoleIo) => ret(console_io(dom, a1, a2, a3)),
         Some(Op::SchedOp) => sched_op(dom, vcpu, a1, a2, a3),
         Some(Op::VcpuOp) => ret(vcpu_op(dom, a1, a2, a3)),
-        Some(Op::EventChannelOp) => ret(crate::evtchn::event_channel_op(dom, a1, a2)),
-        Some(Op::SetTimerOp) => ret(crate::time::set_timer_op(dom, vcpu, a1)),
+        Some(Op::EventChannelOp) => ret(crate::evtchn::event_channel_op(
+            &dom.evtchn,
+            &dom.mem,
+            &*dom.registry,
+            a1,
+            a2,
+        )),
+        Some(Op::SetTimerOp) => ret(dom.time.set_timer_op(vcpu, a1)),
         Some(Op::GrantTableOp) => {
             let r = crate::grant::grant_table_op(dom, vcpu, call.cr3, a1, a2, a3, effects);
             coherent(dom, vcpu, r)

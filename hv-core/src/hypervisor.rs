@@ -107,7 +107,8 @@ impl Hypervisor {
             }));
         };
         let (sa, sb) = (da.shared().clone(), db.shared().clone());
-        let (pa, pb) = crate::evtchn::connect(&sa, &sb).map_err(DomainError::Connect)?;
+        let (pa, pb) = crate::evtchn::connect(&*self.registry, &sa.evtchn, &sb.evtchn)
+            .map_err(DomainError::Connect)?;
         sa.append_cmdline(&format!(
             "evtchn.{}={pa} domid.{}={}",
             sb.name, sb.name, sb.domid

@@ -41,7 +41,9 @@ pub enum MemoryError {
     },
 }
 
-/// The memory of one domain.
+/// The memory of one domain. A clone is another handle to the same memory (the
+/// mapping lives as long as any handle).
+#[derive(Clone)]
 pub struct DomainMemory {
     mem: GuestMemoryMmap<()>,
     memfd: Arc<File>,

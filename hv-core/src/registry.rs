@@ -64,3 +64,9 @@ impl Registry {
         self.len() == 0
     }
 }
+
+impl crate::evtchn::EvtchnPeers for Registry {
+    fn evtchn(&self, domid: u32) -> Option<Arc<crate::evtchn::EventChannels>> {
+        self.get(domid).map(|d| d.evtchn.clone())
+    }
+}

@@ -16,7 +16,8 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::{Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -26,16 +27,20 @@ use hv_abi::{layout, Errno};
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use crate::domain::DomainShared;
+use crate::evtchn::EventChannels;
 use crate::memory::DomainMemory;
 
 /// MSR_IA32_TSC.
 const MSR_TSC: u32 = 0x10;
 
-/// A domain's clock and per-vCPU timer state.
+/// A domain's clock and per-vCPU timer state. Expiries raise `VIRQ_TIMER` through
+/// the domain's event channels, which it holds.
 #[derive(Debug)]
 pub struct DomainTime {
     t0: Instant,
+    evtchn: Arc<EventChannels>,
+    /// Set when the domain stops: no timer fires any more.
+    stopped: AtomicBool,
     /// Per vCPU: the timer's generation, bumped whenever it is set or cancelled, so
     /// stale expiries are ignored. Expiries check and raise under this lock.
     timer_gen: Vec<Mutex<u64>>,
@@ -53,10 +58,12 @@ pub enum Armed {
 }
 
 impl DomainTime {
-    /// A clock starting now, for `nr_vcpus` vCPUs.
-    pub fn new(nr_vcpus: u32) -> DomainTime {
+    /// A clock starting now, for `nr_vcpus` vCPUs, raising timers on `evtchn`.
+    pub fn new(nr_vcpus: u32, evtchn: Arc<EventChannels>) -> DomainTime {
         DomainTime {
             t0: Instant::now(),
+            evtchn,
+            stopped: AtomicBool::new(false),
             timer_gen: (0..nr_vcpus).map(|_| Mutex::new(0)).collect(),
         }
     }
@@ -96,11 +103,34 @@ impl DomainTime {
         let Some(Ok(current)) = self.timer_gen.get(vcpu as usize).map(Mutex::lock) else {
             return false;
         };
-        if *current != gen {
+        if *current != gen || self.stopped.load(Ordering::Acquire) {
             return false;
         }
         raise();
         true
+    }
+
+    /// The domain is stopping: no timer fires from now on.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// `set_timer_op(timeout)` for vCPU `vcpu`: arms its one-shot timer at absolute
+    /// system time `timeout` ns (0 cancels), raising `VIRQ_TIMER` when it expires.
+    pub fn set_timer_op(self: &Arc<Self>, vcpu: u32, timeout: u64) -> Result<u64, Errno> {
+        let armed = self.arm(vcpu, timeout, || self.evtchn.raise_virq(vcpu, VIRQ_TIMER))?;
+        let Armed::At(at, gen) = armed else {
+            return Ok(0);
+        };
+        timer_thread()
+            .send(TimerReq {
+                at,
+                time: Arc::downgrade(self),
+                vcpu,
+                gen,
+            })
+            .map_err(|_| Errno::EIO)?;
+        Ok(0)
     }
 
     /// Writes the wall clock at system time 0 into shared_info.
@@ -202,7 +232,7 @@ pub fn scale_delta(delta: u64, mul: u32, shift: i8) -> u64 {
 
 struct TimerReq {
     at: Instant,
-    dom: Weak<DomainShared>,
+    time: Weak<DomainTime>,
     vcpu: u32,
     gen: u64,
 }
@@ -256,46 +286,31 @@ fn run_timers(rx: Receiver<TimerReq>) {
 }
 
 fn fire(r: &TimerReq) {
-    let Some(dom) = r.dom.upgrade() else {
+    let Some(time) = r.time.upgrade() else {
         return;
     };
-    dom.time.fire(r.vcpu, r.gen, || {
-        if !dom.is_stopping() {
-            crate::evtchn::raise_virq(&dom, r.vcpu, VIRQ_TIMER);
-        }
-    });
-}
-
-/// `set_timer_op(timeout)` for vCPU `vcpu`: arms its one-shot timer at absolute
-/// system time `timeout` ns (0 cancels).
-pub fn set_timer_op(dom: &DomainShared, vcpu: u32, timeout: u64) -> Result<u64, Errno> {
-    let armed = dom.time.arm(vcpu, timeout, || {
-        crate::evtchn::raise_virq(dom, vcpu, VIRQ_TIMER)
-    })?;
-    let Armed::At(at, gen) = armed else {
-        return Ok(0);
-    };
-    let weak = dom
-        .registry
-        .get(dom.domid)
-        .map(|a| std::sync::Arc::downgrade(&a))
-        .ok_or(Errno::ESRCH)?;
-    timer_thread()
-        .send(TimerReq {
-            at,
-            dom: weak,
-            vcpu,
-            gen,
-        })
-        .map_err(|_| Errno::EIO)?;
-    Ok(0)
+    time.fire(r.vcpu, r.gen, || time.evtchn.raise_virq(r.vcpu, VIRQ_TIMER));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    use std::sync::{mpsc, Arc};
+    use std::sync::atomic::AtomicU32;
+    use std::sync::mpsc;
+
+    #[derive(Debug)]
+    struct NoUpcalls;
+    impl crate::evtchn::UpcallSink for NoUpcalls {
+        fn raise(&self, _vcpu: u32) {}
+        fn wake_all(&self) {}
+    }
+
+    /// A clock for `nr_vcpus` vCPUs on plain memory (no KVM).
+    fn clock(nr_vcpus: u32) -> DomainTime {
+        let mem = DomainMemory::new("time-test", 4 << 20, 1).expect("memory");
+        let ev = EventChannels::new(1, nr_vcpus, &mem, Arc::new(NoUpcalls)).expect("evtchn");
+        DomainTime::new(nr_vcpus, Arc::new(ev))
+    }
 
     fn armed_at(time: &DomainTime, vcpu: u32, ahead_ns: u64) -> u64 {
         match time.arm(vcpu, time.now_ns() + ahead_ns, || panic!("raised early")) {
@@ -309,7 +324,7 @@ mod tests {
         // The race of defect 2: an expiry has checked the generation and is raising
         // the event when the guest cancels. The cancel must not return before the
         // raise is done (else the guest sees its cancelled timer fire afterwards).
-        let time = Arc::new(DomainTime::new(1));
+        let time = Arc::new(clock(1));
         let gen = armed_at(&time, 0, 60_000_000_000);
         let raised = Arc::new(AtomicBool::new(false));
         let (started_tx, started_rx) = mpsc::channel();
@@ -341,7 +356,7 @@ mod tests {
 
     #[test]
     fn no_expiry_of_a_cancelled_or_replaced_timer_raises() {
-        let time = DomainTime::new(2);
+        let time = clock(2);
         let g1 = armed_at(&time, 1, 60_000_000_000);
         let g2 = armed_at(&time, 1, 60_000_000_000);
         assert_ne!(g1, g2);
@@ -363,7 +378,7 @@ mod tests {
     fn concurrent_expiries_and_cancels_never_raise_after_a_cancel_returned() {
         // Many rounds of an expiry thread racing a cancel: after each cancel returns,
         // the count of raises must not change any more for that setting.
-        let time = Arc::new(DomainTime::new(1));
+        let time = Arc::new(clock(1));
         let raises = Arc::new(AtomicU32::new(0));
         for _ in 0..2000 {
             let gen = armed_at(&time, 0, 60_000_000_000);

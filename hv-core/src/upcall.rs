@@ -226,3 +226,13 @@ impl Upcall {
         self.events.lock().ok()
     }
 }
+
+impl crate::evtchn::UpcallSink for Upcall {
+    fn raise(&self, vcpu: u32) {
+        Upcall::raise(self, vcpu);
+    }
+
+    fn wake_all(&self) {
+        Upcall::wake_all(self);
+    }
+}

@@ -30,7 +30,7 @@ use hv_abi::{Errno, PAGE_SIZE};
 
 use super::disk::{Disk, DiskError};
 use crate::domain::DomainShared;
-use crate::evtchn::{self, HostNotify, HostPort};
+use crate::evtchn::{HostNotify, HostPort};
 use crate::grant::{self, HostPin};
 
 /// Counters of one PV block device (for tests and statistics).
@@ -182,7 +182,7 @@ impl BlkBack {
                 i.kick();
             }
         }));
-        let hp = match evtchn::bind_host(dom, port, notify) {
+        let hp = match dom.evtchn.bind_host(port, notify) {
             Ok(hp) => hp,
             Err(e) => {
                 grant::host_unpin(dom, ring_gref, true);
@@ -191,7 +191,7 @@ impl BlkBack {
         };
         if let Err(e) = self.ensure_thread(weak) {
             tracing::error!(error = %e, "cannot start a PV block back-end thread");
-            evtchn::unbind_host(dom, hp);
+            dom.evtchn.unbind_host(hp);
             grant::host_unpin(dom, ring_gref, true);
             return Err(Errno::ENOMEM);
         }
@@ -268,9 +268,9 @@ impl BlkBack {
 fn close(dom: &DomainShared, inner: &Inner, slot: &mut Slot, error: i32) {
     if let Some(c) = slot.conn.take() {
         if error != 0 {
-            evtchn::notify_guest(dom, c.port);
+            dom.evtchn.notify_guest(c.port);
         }
-        evtchn::unbind_host(dom, c.port);
+        dom.evtchn.unbind_host(c.port);
         grant::host_unpin(dom, c.ring_gref, true);
     }
     slot.state = STATE_CLOSED;
@@ -349,7 +349,7 @@ fn serve(dom: &DomainShared, inner: &Inner) {
         // A request was just taken, so its response has a slot.
         conn.ring.put_response(&rsp);
         if conn.ring.push_responses() {
-            evtchn::notify_guest(dom, conn.port);
+            dom.evtchn.notify_guest(conn.port);
         }
     }
 }

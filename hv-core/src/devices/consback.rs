@@ -26,7 +26,7 @@ use hv_abi::layout::CONSOLE_PAGE_GPA;
 
 use super::{ConsoleInput, DeviceError};
 use crate::domain::DomainShared;
-use crate::evtchn::{self, HostNotify, HostPort};
+use crate::evtchn::{HostNotify, HostPort};
 
 const OUT_OFF: usize = CONSOLE_IN_SIZE as usize;
 const IN_CONS: usize = 3072;
@@ -130,7 +130,7 @@ impl Shared {
         cons_w.store(prod, Ordering::Release);
         drop(cons);
         if let Some(p) = self.port.get() {
-            evtchn::notify_guest(dom, *p);
+            dom.evtchn.notify_guest(*p);
         }
     }
 }
@@ -200,7 +200,7 @@ impl ConsoleBack {
             }
             sh.kick();
         }));
-        let port = evtchn::alloc_host(dom, notify).map_err(DeviceError::Evtchn)?;
+        let port = dom.evtchn.alloc_host(notify).map_err(DeviceError::Evtchn)?;
         let _ = self.shared.port.set(port);
         Ok(port.port)
     }
@@ -317,7 +317,7 @@ fn input_loop(sh: &Shared, dom: &Weak<DomainShared>, input: &Input) {
         prod_w.store(prod, Ordering::Release);
         let Some(d) = dom.upgrade() else { return };
         if let Some(p) = sh.port.get() {
-            evtchn::notify_guest(&d, *p);
+            d.evtchn.notify_guest(*p);
         }
     }
 }
