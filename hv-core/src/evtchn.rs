@@ -35,8 +35,8 @@ use hv_abi::evtchn::{
 use hv_abi::grant::DOMID_SELF;
 use hv_abi::shared_info::{SharedInfo, VcpuInfo, MAX_VCPUS, NR_EVENT_CHANNELS};
 use hv_abi::{layout, Errno};
-use zerocopy::{FromBytes, IntoBytes};
 
+use crate::guest_arg::{copy_in, copy_out};
 use crate::memory::DomainMemory;
 
 /// How events reach a domain's vCPUs (implemented by [`crate::upcall::Upcall`]).
@@ -926,18 +926,6 @@ pub fn connect(
     Ok((pa, pb))
 }
 
-fn read_arg<T: FromBytes + IntoBytes>(mem: &DomainMemory, gpa: u64) -> Result<T, Errno> {
-    mem.read_obj(gpa).map_err(|_| Errno::EFAULT)
-}
-
-fn write_arg<T: IntoBytes + zerocopy::Immutable>(
-    mem: &DomainMemory,
-    gpa: u64,
-    v: &T,
-) -> Result<(), Errno> {
-    mem.write_obj(gpa, v).map_err(|_| Errno::EFAULT)
-}
-
 /// `event_channel_op(cmd, arg)` of the domain owning `ev` (whose memory `mem` holds
 /// the argument structures).
 pub fn event_channel_op(
@@ -953,45 +941,45 @@ pub fn event_channel_op(
         EVTCHNOP_CLOSE => ev.close(peers, port()?).map(|()| 0),
         EVTCHNOP_UNMASK => ev.unmask(port()?).map(|()| 0),
         EVTCHNOP_ALLOC_UNBOUND => {
-            let mut a: EvtchnAllocUnbound = read_arg(mem, arg)?;
+            let mut a: EvtchnAllocUnbound = copy_in(mem, arg)?;
             a.port = ev.alloc_unbound(peers, a.remote_dom)?;
-            write_arg(mem, arg, &a).inspect_err(|_| {
+            copy_out(mem, arg, &a).inspect_err(|_| {
                 let _ = ev.close(peers, a.port);
             })?;
             Ok(0)
         }
         EVTCHNOP_BIND_INTERDOMAIN => {
-            let mut a: EvtchnBindInterdomain = read_arg(mem, arg)?;
+            let mut a: EvtchnBindInterdomain = copy_in(mem, arg)?;
             if a.reserved != 0 {
                 return Err(Errno::EINVAL);
             }
             // The output is checked writable first, so a bound port is never lost.
-            write_arg(mem, arg, &a)?;
+            copy_out(mem, arg, &a)?;
             a.local_port = ev.bind_interdomain(peers, a.remote_dom, a.remote_port, true)?;
-            write_arg(mem, arg, &a)?;
+            copy_out(mem, arg, &a)?;
             Ok(0)
         }
         EVTCHNOP_BIND_VIRQ | EVTCHNOP_BIND_IPI | EVTCHNOP_BIND_VCPU => {
-            let mut a: EvtchnBindVcpu = read_arg(mem, arg)?;
+            let mut a: EvtchnBindVcpu = copy_in(mem, arg)?;
             if a.reserved != 0 || (cmd != EVTCHNOP_BIND_VIRQ && a.virq != 0) {
                 return Err(Errno::EINVAL);
             }
-            write_arg(mem, arg, &a)?;
+            copy_out(mem, arg, &a)?;
             match cmd {
                 EVTCHNOP_BIND_VIRQ => a.port = ev.bind_virq(a.virq, a.vcpu)?,
                 EVTCHNOP_BIND_IPI => a.port = ev.bind_ipi(a.vcpu)?,
                 _ => ev.bind_vcpu(a.port, a.vcpu)?,
             }
-            write_arg(mem, arg, &a)?;
+            copy_out(mem, arg, &a)?;
             Ok(0)
         }
         EVTCHNOP_STATUS => {
-            let a: EvtchnStatus = read_arg(mem, arg)?;
+            let a: EvtchnStatus = copy_in(mem, arg)?;
             if a.reserved != 0 {
                 return Err(Errno::EINVAL);
             }
             let s = ev.status(a.port)?;
-            write_arg(mem, arg, &s)?;
+            copy_out(mem, arg, &s)?;
             Ok(0)
         }
         _ => Err(Errno::EINVAL),

@@ -17,6 +17,7 @@ use hv_abi::version::packed_version;
 use hv_abi::{Errno, Op, ABI_MAJOR, ABI_MINOR, PAGE_SIZE};
 
 use crate::domain::{DomainShared, VcpuState};
+use crate::guest_arg;
 use crate::mmu::hypercalls::{self as mmu, VcpuEffects, MAX_BATCH};
 use crate::outcome::{CrashReason, CrashReport, Outcome};
 use hv_abi::mmu::MulticallEntry;
@@ -120,7 +121,7 @@ fn console_io(dom: &DomainShared, cmd: u64, len: u64, gpa: u64) -> HcResult {
             }
             let mut buf = [0u8; CONSOLE_WRITE_MAX as usize];
             let buf = &mut buf[..len as usize];
-            dom.mem.read_ram(gpa, buf).map_err(|_| Errno::EFAULT)?;
+            guest_arg::copy_in_bytes(&dom.mem, gpa, buf)?;
             dom.console.write(buf);
             Ok(len)
         }
@@ -172,15 +173,16 @@ fn sched_op(dom: &DomainShared, vcpu: u32, cmd: u64, reason: u64, code: u64) -> 
 
 /// `SCHEDOP_POLL`: sleeps until one of the ports is pending or the timeout passes.
 fn poll(dom: &DomainShared, vcpu: u32, gpa: u64) -> HcResult {
-    let p: SchedPoll = dom.mem.read_obj(gpa).map_err(|_| Errno::EFAULT)?;
+    let p: SchedPoll = guest_arg::copy_in(&dom.mem, gpa)?;
     if p.reserved != 0 || p.nr_ports == 0 || p.nr_ports > SCHED_POLL_MAX_PORTS {
         return Err(Errno::EINVAL);
     }
-    let mut ports = [0u32; SCHED_POLL_MAX_PORTS as usize];
-    let ports = &mut ports[..p.nr_ports as usize];
-    dom.mem
-        .read_ram(p.ports_gpa, zerocopy::IntoBytes::as_mut_bytes(ports))
-        .map_err(|_| Errno::EFAULT)?;
+    let ports: Vec<u32> = guest_arg::copy_in_array(
+        &dom.mem,
+        p.ports_gpa,
+        u64::from(p.nr_ports),
+        u64::from(SCHED_POLL_MAX_PORTS),
+    )?;
     let nr = hv_abi::shared_info::NR_EVENT_CHANNELS as u32;
     if ports.iter().any(|p| *p == 0 || *p >= nr) {
         return Err(Errno::EINVAL);
@@ -225,7 +227,7 @@ fn vcpu_op(dom: &DomainShared, cmd: u64, target: u64, gpa: u64) -> HcResult {
             if matches!(slots[idx], VcpuState::Up(_)) {
                 return Err(Errno::EEXIST);
             }
-            let ctx: VcpuContext = dom.mem.read_obj(gpa).map_err(|_| Errno::EFAULT)?;
+            let ctx: VcpuContext = guest_arg::copy_in(&dom.mem, gpa)?;
             if ctx.reserved.iter().any(|r| *r != 0) {
                 return Err(Errno::EINVAL);
             }
@@ -265,14 +267,16 @@ fn multicall(
         return ret(Err(Errno::E2BIG));
     }
     let size = core::mem::size_of::<MulticallEntry>() as u64;
-    if dom.mem.check_ram(gpa, count * size).is_err() {
-        return ret(Err(Errno::EFAULT));
+    if let Err(e) = guest_arg::check(&dom.mem, gpa, count * size) {
+        return ret(Err(e));
     }
     for i in 0..count {
         let at = gpa + i * size;
-        // Each entry is copied before use; the range was checked above.
-        let Ok(e) = dom.mem.read_obj::<MulticallEntry>(at) else {
-            return ret(Err(Errno::EFAULT));
+        // Each entry is copied just before it runs (an earlier entry may rewrite the
+        // later ones); the range was checked above.
+        let e: MulticallEntry = match guest_arg::copy_in(&dom.mem, at) {
+            Ok(e) => e,
+            Err(e) => return ret(Err(e)),
         };
         let result = if e.args[5] != 0 || e.op == Op::Multicall as u64 {
             Errno::EINVAL.to_ret()
@@ -287,7 +291,15 @@ fn multicall(
                 Disposition::Stop => return Disposition::Stop,
             }
         };
-        let _ = dom.mem.write_obj(at + 8, &result);
+        let mut done = e;
+        done.result = result;
+        // The range was checked; guest RAM does not shrink.
+        let _ = guest_arg::copy_out_span(
+            &dom.mem,
+            at,
+            &done,
+            crate::field_span!(MulticallEntry, result),
+        );
     }
     ret(Ok(0))
 }

@@ -17,6 +17,7 @@ pub mod devices;
 pub mod domain;
 pub mod evtchn;
 pub mod grant;
+pub mod guest_arg;
 pub mod hypercall;
 pub mod hypervisor;
 pub mod loader;

@@ -458,7 +458,7 @@ pub fn dev_op(dom: &DomainShared, cmd: u64, arg: u64) -> Result<u64, Errno> {
     let devs = &dom.devices;
     match cmd {
         DEVOP_CONNECT => {
-            let c: DevConnect = dom.mem.read_obj(arg).map_err(|_| Errno::EFAULT)?;
+            let c: DevConnect = crate::guest_arg::copy_in(&dom.mem, arg)?;
             let (i, b) = devs.backend(u64::from(c.dev))?;
             let Backend::PvBlock(blk) = b else {
                 return Err(Errno::EINVAL);

@@ -33,19 +33,12 @@ fn read_array<T: FromBytes + IntoBytes + Clone>(
     gpa: u64,
     count: u64,
 ) -> Result<Vec<T>, Errno> {
-    if count > MAX_BATCH {
-        return Err(Errno::E2BIG);
-    }
-    let mut v = vec![T::new_zeroed(); count as usize];
-    dom.mem
-        .read_ram(gpa, v.as_mut_slice().as_mut_bytes())
-        .map_err(|_| Errno::EFAULT)?;
-    Ok(v)
+    crate::guest_arg::copy_in_array(&dom.mem, gpa, count, MAX_BATCH)
 }
 
 fn check_done(dom: &DomainShared, done: u64) -> Result<(), Errno> {
     if done != 0 {
-        dom.mem.check_ram(done, 4).map_err(|_| Errno::EFAULT)?;
+        crate::guest_arg::check(&dom.mem, done, 4)?;
     }
     Ok(())
 }
@@ -53,7 +46,7 @@ fn check_done(dom: &DomainShared, done: u64) -> Result<(), Errno> {
 fn write_done(dom: &DomainShared, done: u64, n: u32) {
     if done != 0 {
         // Checked before processing started; guest RAM does not shrink.
-        let _ = dom.mem.write_obj(done, &n);
+        let _ = crate::guest_arg::copy_out(&dom.mem, done, &n);
     }
 }
 
