@@ -12,7 +12,12 @@
 //!   every shadow page), with the domain's other vCPUs paused meanwhile.
 //!
 //! Which kind of host this is, is found once per process by a probe: a ring-3 guest
-//! reads a page, the host remaps it, the guest reads again.
+//! reads a page, the host remaps it, the guest reads again. The environment variable
+//! `HV_HOST_PAGING` (read once) overrides the probe: `shadow` applies the remedies on
+//! any host (correct everywhere, only slower: the way to exercise them on an EPT/NPT
+//! host), `coherent` applies none (wrong on a shadow-paging host: ring 3 may see stale
+//! mappings), `probe` (or unset) probes. A domain can also be given its strategy
+//! ([`crate::DomainConfig::host_paging`]).
 
 use std::sync::OnceLock;
 
@@ -35,10 +40,47 @@ pub enum HostPaging {
 
 static HOST_PAGING: OnceLock<HostPaging> = OnceLock::new();
 
-/// The host's kind, probed on first use. A failed probe counts as [`HostPaging::Shadow`]:
-/// the remedies are correct on any host, only slower.
+/// The environment variable that overrides the probe: `shadow`, `coherent` or `probe`.
+pub const HOST_PAGING_ENV: &str = "HV_HOST_PAGING";
+
+/// What `HV_HOST_PAGING` asks for: `Ok(Some(kind))` to force a kind, `Ok(None)` to
+/// probe (`probe`, or unset), `Err(value)` for anything else.
+pub fn host_paging_override(value: Option<&str>) -> Result<Option<HostPaging>, String> {
+    match value {
+        None | Some("probe") => Ok(None),
+        Some("shadow") => Ok(Some(HostPaging::Shadow)),
+        Some("coherent") => Ok(Some(HostPaging::Coherent)),
+        Some(other) => Err(other.to_string()),
+    }
+}
+
+/// The host's kind: as `HV_HOST_PAGING` forces it, else probed on first use (once per
+/// process). A failed probe counts as [`HostPaging::Shadow`]: the remedies are correct
+/// on any host, only slower. An unknown `HV_HOST_PAGING` value is ignored with a
+/// warning (the probe decides).
 pub fn host_paging(kvm: &Kvm) -> HostPaging {
-    *HOST_PAGING.get_or_init(|| match probe(kvm) {
+    *HOST_PAGING.get_or_init(|| {
+        let env = std::env::var(HOST_PAGING_ENV).ok();
+        match host_paging_override(env.as_deref()) {
+            Ok(Some(kind)) => {
+                tracing::info!(
+                    ?kind,
+                    "page-table coherence strategy forced by {HOST_PAGING_ENV}"
+                );
+                return kind;
+            }
+            Ok(None) => {}
+            Err(v) => tracing::warn!(
+                value = %v,
+                "{HOST_PAGING_ENV} must be shadow, coherent or probe; probing instead"
+            ),
+        }
+        probe_kind(kvm)
+    })
+}
+
+fn probe_kind(kvm: &Kvm) -> HostPaging {
+    match probe(kvm) {
         Ok(true) => {
             tracing::info!("host keeps stale shadow translations: page-table remedies on");
             HostPaging::Shadow
@@ -51,7 +93,7 @@ pub fn host_paging(kvm: &Kvm) -> HostPaging {
             tracing::warn!(error = %e, "page-table coherence probe failed; assuming shadow paging");
             HostPaging::Shadow
         }
-    })
+    }
 }
 
 const PROBE_MEM: u64 = 4 << 20;
@@ -151,5 +193,25 @@ pub fn forget_frame(mem: &DomainMemory, gpa: u64) {
             hv_abi::PAGE_SIZE as usize,
             libc::MADV_DONTNEED,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_override_takes_three_words() {
+        assert_eq!(host_paging_override(None), Ok(None));
+        assert_eq!(host_paging_override(Some("probe")), Ok(None));
+        assert_eq!(
+            host_paging_override(Some("shadow")),
+            Ok(Some(HostPaging::Shadow))
+        );
+        assert_eq!(
+            host_paging_override(Some("coherent")),
+            Ok(Some(HostPaging::Coherent))
+        );
+        assert_eq!(host_paging_override(Some("EPT")), Err("EPT".to_string()));
     }
 }

@@ -823,8 +823,9 @@ fn check_devices(
 }
 
 /// The exit status of `hv run --config` (SPEC.md §9.4): 100 if any domain crashed;
-/// otherwise 1 if any could not run; otherwise the first non-zero poweroff code in file
-/// order; otherwise 0 (every domain powered off with code 0 or asked to reboot).
+/// otherwise 1 if any could not run or was stopped by a host fault; otherwise the first
+/// non-zero poweroff code in file order; otherwise 0 (every domain powered off with
+/// code 0 or asked to reboot).
 pub fn exit_code(results: &[DomainResult]) -> u8 {
     let outcomes = || {
         results
@@ -834,7 +835,7 @@ pub fn exit_code(results: &[DomainResult]) -> u8 {
     if outcomes().any(|o| matches!(o, Ok(Outcome::Crash(_)))) {
         return EXIT_CRASH;
     }
-    if outcomes().any(|o| o.is_err()) {
+    if outcomes().any(|o| o.is_err() || matches!(o, Ok(Outcome::HostFault(_)))) {
         return EXIT_INTERNAL;
     }
     outcomes()
@@ -1226,6 +1227,15 @@ mod tests {
         )))
     }
 
+    fn host_fault() -> Outcome {
+        Outcome::HostFault(Box::new(crate::outcome::HostFault {
+            vcpu: 0,
+            kvm_errno: Some(libc::EFAULT),
+            gpa: None,
+            memory: Some(crate::outcome::HostMemory::Ram),
+        }))
+    }
+
     #[test]
     fn exit_status_rule() {
         let off = |code| Some(Outcome::Poweroff { code });
@@ -1251,6 +1261,22 @@ mod tests {
                 result("a", 1, off(5)),
                 result("b", 2, None),
                 result("c", 3, Some(crash()))
+            ]),
+            100
+        );
+        // A host fault is the host's failure: 1, before any poweroff code; a crash
+        // still outranks it.
+        assert_eq!(
+            code(vec![
+                result("a", 1, off(5)),
+                result("b", 2, Some(host_fault()))
+            ]),
+            1
+        );
+        assert_eq!(
+            code(vec![
+                result("a", 1, Some(host_fault())),
+                result("b", 2, Some(crash()))
             ]),
             100
         );

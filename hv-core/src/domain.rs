@@ -76,6 +76,10 @@ pub struct DomainConfig {
     pub devices: Vec<DeviceSpec>,
     /// PV console options: an output file (replacing `console`), an input.
     pub console_spec: ConsoleSpec,
+    /// The page-table coherence strategy for this domain ([`crate::coherence`]); `None`
+    /// (the default): the process-wide one (`HV_HOST_PAGING`, else the probe). Tests
+    /// force [`HostPaging::Shadow`] to exercise the remedies on any host.
+    pub host_paging: Option<HostPaging>,
 }
 
 impl Default for DomainConfig {
@@ -91,6 +95,7 @@ impl Default for DomainConfig {
             console: ConsoleSink::Stdout,
             devices: Vec::new(),
             console_spec: ConsoleSpec::default(),
+            host_paging: None,
         }
     }
 }
@@ -625,7 +630,9 @@ impl Domain {
 
         let grants = Grants::new(mem.pool_end())
             .map_err(|e| DomainError::Memory(MemoryError::Map(e.to_string())))?;
-        let host_paging = crate::coherence::host_paging(kvm);
+        let host_paging = config
+            .host_paging
+            .unwrap_or_else(|| crate::coherence::host_paging(kvm));
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         let mut pool_region = kvm_userspace_memory_region::default();
         let regions = [

@@ -16,7 +16,7 @@ use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig};
     name = "hv",
     version,
     about = "hv: a paravirtual hypervisor on KVM",
-    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run kernel.elf --disk disk.img,size=64M --console-input -   a PV disk, console input from stdin\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n  hv bench density --domains 200   density with 200 idle domains\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error. With --config: 100 if any domain crashed, else the first non-zero\npoweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
+    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run kernel.elf --disk disk.img,size=64M --console-input -   a PV disk, console input from stdin\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n  hv bench density --domains 200   density with 200 idle domains\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error or a host fault (e.g. a passthrough file that cannot be backed). With\n--config: 100 if any domain crashed, else 1 if one could not run or hit a host fault,\nelse the first non-zero poweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -228,6 +228,9 @@ fn run_config(path: &Path, stats: bool) -> u8 {
                 if let Some(c) = report.outcome.crash() {
                     eprintln!("hv: domain {} crashed\n{c}", r.name);
                 }
+                if let Some(h) = report.outcome.host_fault() {
+                    eprintln!("hv: domain {} stopped by a host fault: {h}", r.name);
+                }
                 if stats {
                     eprintln!(
                         "domain {} (id {}): {} (created in {:.3} ms, ran {:.3} ms)\n{}",
@@ -269,6 +272,9 @@ fn run(kernel: Option<PathBuf>, config: DomainConfig, stats: bool) -> u8 {
         Ok(report) => {
             if let Some(c) = report.outcome.crash() {
                 eprintln!("hv: domain {} crashed\n{c}", report.name);
+            }
+            if let Some(h) = report.outcome.host_fault() {
+                eprintln!("hv: domain {} stopped by a host fault: {h}", report.name);
             }
             if stats {
                 eprintln!(

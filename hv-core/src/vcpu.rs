@@ -3,7 +3,10 @@
 //! Each vCPU runs `KVM_RUN` in a loop on its own thread. Registers for hypercalls are
 //! read from and written to KVM's sync_regs area (no extra ioctls on the hot path).
 //! Every exit kind is handled; anything the guest is not allowed to do crashes the
-//! domain with a report, never the hypervisor.
+//! domain with a report, never the hypervisor. A failure of the host instead (KVM_RUN
+//! failing, or an access KVM could not complete because the host cannot back guest
+//! memory: a passthrough file on a full file system or truncated) ends the domain
+//! with a host fault ([`Outcome::HostFault`]) that names the memory and the errno.
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -21,7 +24,7 @@ use crate::boot;
 use crate::domain::{DomainError, DomainShared, VcpuState};
 use crate::hypercall::{self, Call, Disposition};
 use crate::mmu::hypercalls::VcpuEffects;
-use crate::outcome::{CrashReason, CrashReport, Outcome};
+use crate::outcome::{CrashReason, CrashReport, HostFault, HostMemory, Outcome};
 use crate::stats::{ExitKind, ExitStats};
 
 thread_local! {
@@ -79,8 +82,47 @@ enum Next {
     Hypercall,
     /// Handled already: resume the guest.
     Resume(ExitKind),
-    /// End the domain.
+    /// End the domain: the guest is at fault.
     Fatal(ExitKind, CrashReason),
+    /// End the domain: the host failed.
+    HostFault(ExitKind, HostFault),
+}
+
+/// An MMIO exit of vCPU `vcpu` that is no device's: a host fault if the domain has
+/// memory at `gpa` (KVM could not access its host page), else the guest's stray access.
+fn mmio_fault(dom: &DomainShared, vcpu: u32, gpa: u64, size: usize, dir: &'static str) -> Next {
+    match backed_memory(dom, gpa) {
+        Some(memory) => Next::HostFault(
+            ExitKind::Mmio,
+            HostFault {
+                vcpu,
+                kvm_errno: None,
+                gpa: Some(gpa),
+                memory: Some(memory),
+            },
+        ),
+        None => Next::Fatal(
+            ExitKind::Mmio,
+            CrashReason::UnknownMmio {
+                gpa,
+                size: size as u32,
+                dir,
+            },
+        ),
+    }
+}
+
+/// The memory KVM should have been able to access at `gpa` (RAM, the pool, an attached
+/// passthrough region), if the domain has memory there: an MMIO exit at such an
+/// address means the host page could not be accessed, not that the guest strayed.
+fn backed_memory(dom: &DomainShared, gpa: u64) -> Option<HostMemory> {
+    if gpa < dom.mem.ram_bytes() {
+        Some(HostMemory::Ram)
+    } else if dom.in_pool(gpa) {
+        Some(HostMemory::PageTablePool)
+    } else {
+        dom.devices.regions().diagnose(Some(gpa))
+    }
 }
 
 impl Vcpu {
@@ -209,6 +251,7 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self, dom: &DomainShared) {
+        let id = self.id;
         loop {
             if dom.pause_requested() {
                 dom.park(self.id);
@@ -256,20 +299,17 @@ impl Vcpu {
                         )
                     }
                 }
-                Ok(VcpuExit::MmioRead(gpa, data)) => Next::Fatal(
-                    ExitKind::Mmio,
-                    CrashReason::UnknownMmio {
-                        gpa,
-                        size: data.len() as u32,
-                        dir: "read",
-                    },
-                ),
-                Ok(VcpuExit::MmioWrite(gpa, data)) => Next::Fatal(
-                    ExitKind::Mmio,
-                    CrashReason::UnknownMmio {
-                        gpa,
-                        size: data.len() as u32,
-                        dir: "write",
+                Ok(VcpuExit::MmioRead(gpa, data)) => mmio_fault(dom, id, gpa, data.len(), "read"),
+                Ok(VcpuExit::MmioWrite(gpa, data)) => mmio_fault(dom, id, gpa, data.len(), "write"),
+                // KVM_RUN failed with EFAULT (or EHWPOISON: kvm-ioctls does not say
+                // which) and, on kernels that annotate the fault, gave the address.
+                Ok(VcpuExit::MemoryFault { gpa, .. }) => Next::HostFault(
+                    ExitKind::Other,
+                    HostFault {
+                        vcpu: id,
+                        kvm_errno: Some(libc::EFAULT),
+                        gpa: Some(gpa),
+                        memory: Some(backed_memory(dom, gpa).unwrap_or(HostMemory::Unknown)),
                     },
                 ),
                 Ok(VcpuExit::Shutdown) => Next::Fatal(ExitKind::Shutdown, CrashReason::TripleFault),
@@ -290,16 +330,35 @@ impl Vcpu {
                     self.stats.exit(ExitKind::Interrupted);
                     continue;
                 }
-                Err(e) => Next::Fatal(ExitKind::Other, CrashReason::Kvm(format!("KVM_RUN: {e}"))),
+                // KVM_RUN itself failed: the host, not the guest. EFAULT (EHWPOISON)
+                // means guest memory could not be faulted in; KVM did not say where.
+                Err(e) => {
+                    let memory = matches!(e.errno(), libc::EFAULT | libc::EHWPOISON).then(|| {
+                        dom.devices
+                            .regions()
+                            .diagnose(None)
+                            .unwrap_or(HostMemory::Unknown)
+                    });
+                    Next::HostFault(
+                        ExitKind::Other,
+                        HostFault {
+                            vcpu: id,
+                            kvm_errno: Some(e.errno()),
+                            gpa: None,
+                            memory,
+                        },
+                    )
+                }
             };
             // After every exit: the vCPU must run on a pinned L4 of this domain.
             let next = match (next, self.check_cr3(dom)) {
                 (Next::Fatal(k, r), _) => Next::Fatal(k, r),
+                (Next::HostFault(k, h), _) => Next::HostFault(k, h),
                 (n, Ok(())) => n,
                 (n, Err(reason)) => {
                     let kind = match n {
                         Next::Hypercall => ExitKind::Hypercall,
-                        Next::Resume(k) | Next::Fatal(k, _) => k,
+                        Next::Resume(k) | Next::Fatal(k, _) | Next::HostFault(k, _) => k,
                     };
                     Next::Fatal(kind, reason)
                 }
@@ -321,6 +380,13 @@ impl Vcpu {
                             unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     }
                     self.crash(dom, reason);
+                    return;
+                }
+                Next::HostFault(kind, fault) => {
+                    self.stats.exit(kind);
+                    let rip = self.fd.get_regs().ok().map(|r| r.rip);
+                    tracing::error!(vcpu = self.id, %fault, rip, "domain stopped by a host fault");
+                    dom.finish(Outcome::HostFault(Box::new(fault)));
                     return;
                 }
             }

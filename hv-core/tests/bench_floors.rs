@@ -4,8 +4,15 @@
 use hv_core::bench::irq_floor::irq_floor_split;
 use hv_core::bench::memcpy::memcpy_4k_once;
 
+mod common;
+
+/// KVM for a test: `None` only when `HV_SKIP_KVM=1` asks to skip; without a usable
+/// /dev/kvm otherwise the test fails, loudly.
 fn kvm() -> Option<kvm_ioctls::Kvm> {
-    hv_core::domain::open_kvm().ok()
+    if !common::kvm_available() {
+        return None;
+    }
+    Some(hv_core::domain::open_kvm().expect("open /dev/kvm"))
 }
 
 #[test]

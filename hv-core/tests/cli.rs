@@ -2,22 +2,8 @@
 
 use std::process::{Command, Output};
 
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) if std::env::var("HV_SKIP_KVM").as_deref() == Ok("1") => {
-            eprintln!("SKIPPING KVM TEST (HV_SKIP_KVM=1): /dev/kvm is not usable: {e}");
-            false
-        }
-        Err(e) => {
-            panic!("/dev/kvm is not usable ({e}); set HV_SKIP_KVM=1 to skip KVM tests explicitly")
-        }
-    }
-}
+mod common;
+use common::{kvm_available, test_guest};
 
 fn hv(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hv"))
@@ -210,15 +196,6 @@ fn bench_json_reports_every_result_with_ratios() {
 }
 
 // ---- hv run --config ----
-
-/// The test guest kernel (tests/test-guest), built once per test process.
-fn test_guest() -> &'static std::path::Path {
-    static ELF: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    ELF.get_or_init(|| {
-        let root = guest_build::workspace_root(env!("CARGO_MANIFEST_DIR"), 1);
-        guest_build::build_guest(&root, "test-guest", "test-guest")
-    })
-}
 
 /// A fresh directory for one test's configuration files.
 struct TempDir(std::path::PathBuf);

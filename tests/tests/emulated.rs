@@ -1,7 +1,9 @@
 //! Hypervisor-emulated devices and passthrough regions on real KVM (SPEC 8.9): the
 //! emulated block device (data in the image after exit, every register error), the
 //! 16550 UART of a guest that prints through nothing else, and passthrough regions
-//! (data both ways with no exits, PV MMU rules, exclusivity, detach, reassignment).
+//! (data both ways with no exits, PV MMU rules, exclusivity, detach, reassignment), and
+//! a region whose file the host can no longer back (truncated): a host fault, not a
+//! guest crash.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +13,7 @@ use hv_core::devices::DeviceSpec;
 use hv_core::domain::Domain;
 use hv_core::hypervisor::Hypervisor;
 use hv_core::loader::KernelImage;
+use hv_core::outcome::{BackingCause, HostFault, HostMemory};
 use hv_core::stats::ExitKind;
 use hv_core::{ConsoleSink, CrashReason, DomainConfig, Outcome};
 use tests::{kvm, kvm_available, scenario_with, GuestRun, TEST_GUEST};
@@ -431,5 +434,121 @@ fn passthrough_detach_from_a_running_domain() {
         .unwrap();
     assert_eq!(entry.base, gpa);
     assert_eq!(entry.state, hv_abi::device::STATE_CLOSED);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The host fault that ended a run, or a panic with the outcome and console.
+fn host_fault<'a>(outcome: &'a Outcome, console: &str) -> &'a HostFault {
+    outcome
+        .host_fault()
+        .unwrap_or_else(|| panic!("expected a host fault, got {outcome}; console:\n{console}"))
+}
+
+/// Checks a host fault of a region whose file was truncated to `file_bytes`: it names
+/// the file and the cause, and the address if KVM gave one. KVM either fails KVM_RUN
+/// with EFAULT (a native access; on some kernels with the address) or reports the
+/// access as an MMIO exit (an emulated one, as guest ring 0 on PVM hosts) at `gpa`.
+fn assert_truncated(h: &HostFault, file: &Path, file_bytes: u64, gpa: u64) {
+    assert_eq!(
+        h.memory,
+        Some(HostMemory::Region {
+            path: file.to_path_buf(),
+            cause: Some(BackingCause::PastEndOfFile {
+                file_bytes,
+                region_bytes: REGION
+            }),
+        }),
+        "{h}"
+    );
+    assert!(matches!(h.kvm_errno, None | Some(14)), "{h}");
+    if h.kvm_errno.is_none() || h.gpa.is_some() {
+        assert_eq!(h.gpa, Some(gpa), "{h}");
+    }
+    let text = h.to_string();
+    assert!(
+        text.contains(&format!(
+            "passthrough region {} cannot be faulted in: the file was truncated to {file_bytes} bytes",
+            file.display()
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn truncating_a_passthrough_file_under_a_running_domain_is_a_host_fault() {
+    if !kvm_available() {
+        return;
+    }
+    // The guest reads its region in a loop; the host truncates the file meanwhile. The
+    // pages are gone from under the guest: hv names the file and why, exit status 1.
+    let dir = scratch("truncate-live");
+    let file = dir.join("region.bin");
+    let image = KernelImage::from_elf(TEST_GUEST).unwrap();
+    let mut hv = Hypervisor::new(kvm());
+    let (mut config, buf) = pt_domain("spin", 1, &file, 0);
+    config.cmdline = "scenario=pt-spin".into();
+    hv.create_domain(config, &image).unwrap();
+    let gpa = region_gpas(hv.domain(1).unwrap().shared().mem.pool_end(), &[REGION])[0];
+    let running = hv.start();
+    let mut ready = false;
+    for _ in 0..20_000 {
+        let raw = std::fs::read(&file).unwrap();
+        if u64_at(&raw, 8) == 0x5EAD_4EAD_0000_0001 {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(
+        ready,
+        "the guest never wrote its region; console:\n{}",
+        text(&buf)
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_len(0))
+        .unwrap();
+    let results = running.wait();
+    let r = results[0].report.as_ref().unwrap();
+    let h = host_fault(&r.outcome, &text(&buf));
+    assert_truncated(h, &file, 0, gpa + 0x18);
+    assert_eq!(r.outcome.exit_code(), 1);
+    assert!(!text(&buf).contains("still mapped"), "{}", text(&buf));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_passthrough_file_truncated_before_the_run_is_a_host_fault_from_both_rings() {
+    if !kvm_available() {
+        return;
+    }
+    // The file shrinks to two pages after the region was mapped: the guest's stores to
+    // the first two pages land, the third cannot be backed, from ring 0 and ring 3.
+    let dir = scratch("truncate");
+    let image = KernelImage::from_elf(TEST_GUEST).unwrap();
+    for ring in [0, 3] {
+        let file = dir.join(format!("region{ring}.bin"));
+        let (mut config, buf) = pt_domain("fill", 1, &file, 0);
+        config.cmdline = format!("scenario=pt-fill ring={ring}");
+        let dom = Domain::create(&kvm(), config, &image).unwrap();
+        let gpa = region_gpas(dom.shared().mem.pool_end(), &[REGION])[0];
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_len(2 * 4096))
+            .unwrap();
+        let r = dom.run().unwrap();
+        let h = host_fault(&r.outcome, &text(&buf));
+        assert_truncated(h, &file, 2 * 4096, gpa + 2 * 4096 + 0x10);
+        if ring == 3 {
+            assert_eq!(h.kvm_errno, Some(14), "{h}");
+        }
+        assert!(!text(&buf).contains("survived"), "{}", text(&buf));
+        let raw = std::fs::read(&file).unwrap();
+        assert_eq!(raw.len(), 2 * 4096);
+        assert_eq!(u64_at(&raw, 0x10), gpa);
+        assert_eq!(u64_at(&raw, 4096 + 0x10), gpa + 4096);
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -15,6 +15,10 @@
 //!   ([`PassthroughError::Busy`], naming the owner), and an exclusive `flock` on the
 //!   file refuses it to other processes. A region is released when it is detached
 //!   ([`detach`]) or its domain dies; it can then be assigned again.
+//! - When the host cannot back a region's page (the file's file system is full, or the
+//!   file was truncated under the domain), KVM fails the guest's access; the vCPU loop
+//!   ends the domain with a host fault naming the file, and [`DomainRegions::diagnose`]
+//!   finds out why.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -27,6 +31,8 @@ use hv_abi::{layout, PAGE_SIZE};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use thiserror::Error;
+
+use crate::outcome::{BackingCause, HostMemory};
 
 /// Largest region.
 pub const MAX_REGION_BYTES: u64 = 1 << 30;
@@ -223,8 +229,8 @@ pub struct Region {
     path: PathBuf,
     size: u64,
     id: (u64, u64),
-    /// Kept open: it holds the `flock`.
-    _file: File,
+    /// Kept open: it holds the `flock` (and is checked when a page cannot be backed).
+    file: File,
     host: *mut u8,
 }
 
@@ -304,7 +310,7 @@ impl Region {
             path,
             size: spec.size,
             id: (md.dev(), md.ino()),
-            _file: file,
+            file,
             host: host.cast(),
         })
     }
@@ -322,6 +328,58 @@ impl Region {
     /// Host address of the mapping (for the memslot).
     pub fn host_address(&self) -> u64 {
         self.host as u64
+    }
+
+    /// Why the file cannot back the region's page at `offset` (or, with `None`, some
+    /// page), if it shows a cause: the file ends before the page (it was truncated), the
+    /// page cannot be allocated (checked with `fallocate(FALLOC_FL_KEEP_SIZE)` of that
+    /// one page, which leaves the file's size and data as they are), or, for no
+    /// particular page, the file system has no free blocks.
+    fn backing_cause(&self, offset: Option<u64>) -> Option<BackingCause> {
+        let file_bytes = self.file.metadata().ok()?.len();
+        let past_end = BackingCause::PastEndOfFile {
+            file_bytes,
+            region_bytes: self.size,
+        };
+        let fd = self.file.as_raw_fd();
+        match offset {
+            Some(off) => {
+                let page = off & !(PAGE_SIZE - 1);
+                if page + PAGE_SIZE > file_bytes {
+                    return Some(past_end);
+                }
+                let (Ok(start), Ok(len)) = (
+                    libc::off_t::try_from(page),
+                    libc::off_t::try_from(PAGE_SIZE),
+                ) else {
+                    return None;
+                };
+                // SAFETY: fallocate on the region's own descriptor, within the file's
+                // size (KEEP_SIZE): no memory is involved and no data changes.
+                let r = unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, start, len) };
+                if r == 0 {
+                    return None;
+                }
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EOPNOTSUPP) | None => None,
+                    Some(errno) => Some(BackingCause::Allocate {
+                        offset: page,
+                        errno,
+                    }),
+                }
+            }
+            None => {
+                if file_bytes < self.size {
+                    return Some(past_end);
+                }
+                // SAFETY: an all-zero statvfs is a valid value; fstatvfs fills it.
+                let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+                // SAFETY: fstatvfs on the region's own descriptor into `st`.
+                let r = unsafe { libc::fstatvfs(fd, &mut st) };
+                (r == 0 && st.f_blocks > 0 && st.f_bavail == 0)
+                    .then_some(BackingCause::FileSystemFull)
+            }
+        }
     }
 
     /// True if `path` names this region's file.
@@ -548,6 +606,30 @@ impl DomainRegions {
             .iter()
             .map(|a| (a.gpa, a.assignment.region.size))
             .find(|(start, size)| gpa >= *start && gpa - start < *size)
+    }
+
+    /// The region a host fault is about, and why its file cannot back the page: the
+    /// region holding `gpa` (`None` if no attached region does), or, when KVM gave no
+    /// address (`gpa` is `None`), the first region whose file shows a cause (`None` if
+    /// none does).
+    pub fn diagnose(&self, gpa: Option<u64>) -> Option<HostMemory> {
+        let list = self.lock();
+        let memory = |a: &Attached, cause| HostMemory::Region {
+            path: a.assignment.region.path.clone(),
+            cause,
+        };
+        match gpa {
+            Some(gpa) => list
+                .iter()
+                .find(|a| gpa >= a.gpa && gpa - a.gpa < a.assignment.region.size)
+                .map(|a| memory(a, a.assignment.region.backing_cause(Some(gpa - a.gpa)))),
+            None => list.iter().find_map(|a| {
+                a.assignment
+                    .region
+                    .backing_cause(None)
+                    .map(|c| memory(a, Some(c)))
+            }),
+        }
     }
 
     /// Drops hv's page-table entry of region frame `gpa` so that KVM drops its shadow

@@ -7,6 +7,7 @@
 //! | `emu-errors` | every register error: `err_range=`, `err_range_hi=`, `err_count0=`, `err_count_big=`, `err_data_idle=`, `data_idle_value=`, `err_data_dir=`, `err_cmd=`, `err_ro=`, `recover=`; ignored accesses: `status_write_ignored=` (the error stays), `narrow_write_ignored=`, `write_only_read=`, `narrow_read=` |
 //! | `uart` | prints only through the 16550 at 0x3F8 (no console hypercall): `uart: hello from a guest without PV drivers`, `uart_scratch=`, `uart_divisor=`, `uart_lsr=` |
 //! | `pt-spin` | writes `PT_READY` at offset 8 of its region, then reads offset 0x18 in a loop until the host detaches the region (the read crashes the domain); prints `pt-spin: still mapped` and exits 1 if that never happens |
+//! | `pt-fill` | writes each page's guest-physical address at offset 0x10 of the page, for every page of its region in order, from ring 0 (`ring=0`, the default) or ring 3 (`ring=3`); on a host that cannot back the pages hv ends the domain; if every write lands it prints `pt_filled=<pages>` and `pt-fill: survived` and exits 1 |
 //! | `pt` | passthrough region: `pt_gpa=`, `pt_size=`, `pt_prev=` (the u64 at offset 8 before this run), `pt_host=` (offset 0, written by the host), writes `mark=N` at offset 8 and a pattern, `pt_alias=`, `pt_pin=`, `pt_l2=`, `pt_ring3=` |
 //!
 //! The emulated block device used is the first of the device table (`emu-errors`: the
@@ -429,4 +430,57 @@ pub fn pt_spin(si: &StartInfo) -> ! {
     }
     println!("pt-spin: still mapped");
     poweroff(1)
+}
+
+static R3_END: AtomicU64 = AtomicU64::new(0);
+
+extern "C" {
+    /// Ring 3: stores each page's address at offset 0x10 of the page, for every page
+    /// from R3_ADDR to R3_END (exclusive), then `ud2`.
+    fn tg_pt_r3_fill();
+}
+
+core::arch::global_asm!(
+    ".pushsection .text.tg_pt, \"ax\"",
+    ".global tg_pt_r3_fill",
+    "tg_pt_r3_fill:",
+    "    mov rax, [rip + {addr}]",
+    "    mov rcx, [rip + {end}]",
+    "2:  cmp rax, rcx",
+    "    jae 3f",
+    "    mov [rax + 0x10], rax",
+    "    add rax, 4096",
+    "    jmp 2b",
+    "3:  ud2",
+    ".popsection",
+    addr = sym R3_ADDR,
+    end = sym R3_END,
+);
+
+pub fn pt_fill(si: &StartInfo) -> ! {
+    let Some(d) = device(si, DEV_PASSTHROUGH, 0) else {
+        println!("pt: no passthrough region");
+        poweroff(2)
+    };
+    let ring = cmdline::value(si.cmdline_bytes(), b"ring")
+        .and_then(cmdline::parse_u64)
+        .unwrap_or(0);
+    let pages = d.size / PAGE_SIZE;
+    if ring == 3 {
+        // SAFETY: the IDT and exception stack are this scenario's own.
+        unsafe { user::install(&IDT, top(&EXC_STACK)) };
+        R3_ADDR.store(d.base, Ordering::SeqCst);
+        R3_END.store(d.base + d.size, Ordering::SeqCst);
+        // SAFETY: the code stores one u64 in each page of the region (identity-mapped,
+        // user-accessible) and raises #UD.
+        let exit = unsafe { user::run_user(tg_pt_r3_fill as *const () as u64, top(&R3_STACK)) };
+        println!("pt_fill_vector={}", exit.vector);
+    } else {
+        for p in 0..pages {
+            let page = d.base + p * PAGE_SIZE;
+            wr(page + PAGE_TAG_OFF, page);
+        }
+    }
+    println!("pt_filled={pages}");
+    crate::survived("pt-fill")
 }

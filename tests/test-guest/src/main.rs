@@ -19,7 +19,7 @@
 //! | `cpuid` | `cpuid_sig=`, `cpuid_max_leaf=0x..`, `cpuid_version=0x..`, `cpuid_features=0x..`, `cpuid_port=0x..` |
 //! | `vcpus` | `vcpu1 arg=42` (from vCPU 1), `vcpu1_is_up=`, `vcpu_up_again=`, `vcpu_bad=`, `vcpus ok` |
 //! | `cmdline` | `cmdline=<the whole command line>` |
-//! | `emu-blk`, `emu-errors`, `uart`, `pt`, `pt-spin` | emulated devices and passthrough (see `emu.rs`) |
+//! | `emu-blk`, `emu-errors`, `uart`, `pt`, `pt-spin`, `pt-fill` | emulated devices and passthrough (see `emu.rs`) |
 //! | `blk`, `blk-overflow`, `blk-flush`, `pvcons` | PV block and PV console back-ends (see `blk.rs`) |
 //! | anything else | `unknown scenario`, exit code 3 |
 //!
@@ -98,6 +98,7 @@ fn main(si: &'static StartInfo) -> ! {
         b"uart" => emu::uart(),
         b"pt" => emu::pt(si),
         b"pt-spin" => emu::pt_spin(si),
+        b"pt-fill" => emu::pt_fill(si),
         b"cmdline" => {
             let mut c = Console::new();
             c.write_bytes(b"cmdline=");
