@@ -16,6 +16,7 @@ pub mod density;
 pub mod devices;
 pub mod domain;
 pub mod evtchn;
+pub mod exit;
 pub mod grant;
 pub mod guest_arg;
 pub mod hypercall;

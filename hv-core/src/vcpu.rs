@@ -18,10 +18,11 @@ use hv_abi::mmu::PTE_ADDR_MASK;
 use hv_abi::hypercall::VcpuContext;
 use hv_abi::hypercall::HYPERCALL_PORT;
 use kvm_bindings::CpuId;
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 
 use crate::boot;
 use crate::domain::{DomainError, DomainShared, VcpuState};
+use crate::exit::{self, Exit, GpaKind, KvmExit, MemoryMap};
 use crate::hypercall::{self, Call, Disposition};
 use crate::mmu::hypercalls::VcpuEffects;
 use crate::outcome::{CrashReason, CrashReport, HostFault, HostMemory, Outcome};
@@ -76,53 +77,48 @@ pub struct Vcpu {
     cr3_ok: Option<(u64, u64)>,
 }
 
-/// What the run loop does after an exit.
-enum Next {
-    /// Handle a hypercall.
-    Hypercall,
-    /// Handled already: resume the guest.
-    Resume(ExitKind),
-    /// End the domain: the guest is at fault.
-    Fatal(ExitKind, CrashReason),
-    /// End the domain: the host failed.
-    HostFault(ExitKind, HostFault),
-}
-
-/// An MMIO exit of vCPU `vcpu` that is no device's: a host fault if the domain has
-/// memory at `gpa` (KVM could not access its host page), else the guest's stray access.
-fn mmio_fault(dom: &DomainShared, vcpu: u32, gpa: u64, size: usize, dir: &'static str) -> Next {
-    match backed_memory(dom, gpa) {
-        Some(memory) => Next::HostFault(
-            ExitKind::Mmio,
-            HostFault {
-                vcpu,
-                kvm_errno: None,
-                gpa: Some(gpa),
-                memory: Some(memory),
-            },
-        ),
-        None => Next::Fatal(
-            ExitKind::Mmio,
-            CrashReason::UnknownMmio {
-                gpa,
-                size: size as u32,
-                dir,
-            },
-        ),
+/// The domain's guest-physical map, for exit classification.
+impl MemoryMap for DomainShared {
+    fn gpa_kind(&self, gpa: u64) -> GpaKind {
+        if gpa < self.mem.ram_bytes() {
+            GpaKind::Ram
+        } else if self.in_pool(gpa) {
+            GpaKind::Pool
+        } else if self.devices.regions().find(gpa).is_some() {
+            GpaKind::Region
+        } else {
+            GpaKind::Nothing
+        }
     }
 }
 
-/// The memory KVM should have been able to access at `gpa` (RAM, the pool, an attached
-/// passthrough region), if the domain has memory there: an MMIO exit at such an
-/// address means the host page could not be accessed, not that the guest strayed.
-fn backed_memory(dom: &DomainShared, gpa: u64) -> Option<HostMemory> {
-    if gpa < dom.mem.ram_bytes() {
-        Some(HostMemory::Ram)
-    } else if dom.in_pool(gpa) {
-        Some(HostMemory::PageTablePool)
-    } else {
-        dom.devices.regions().diagnose(Some(gpa))
+/// The memory a host fault concerns, named for the report.
+fn fault_memory(
+    dom: &DomainShared,
+    gpa: Option<u64>,
+    errno: Option<i32>,
+    kind: GpaKind,
+) -> Option<HostMemory> {
+    let regions = dom.devices.regions();
+    match kind {
+        GpaKind::Ram => Some(HostMemory::Ram),
+        GpaKind::Pool => Some(HostMemory::PageTablePool),
+        GpaKind::Region => Some(regions.diagnose(gpa).unwrap_or(HostMemory::Unknown)),
+        // KVM_RUN failed with EFAULT/EHWPOISON: guest memory could not be faulted in,
+        // and KVM did not say where: the first region whose file shows a cause.
+        GpaKind::Nothing if matches!(errno, Some(libc::EFAULT | libc::EHWPOISON)) => {
+            Some(regions.diagnose(None).unwrap_or(HostMemory::Unknown))
+        }
+        GpaKind::Nothing => None,
     }
+}
+
+/// How a vCPU's run ends.
+enum End {
+    /// The guest is at fault.
+    Crash(ExitKind, CrashReason),
+    /// The host failed.
+    Host(ExitKind, HostFault),
 }
 
 impl Vcpu {
@@ -259,119 +255,59 @@ impl Vcpu {
             if dom.is_stopping() {
                 return;
             }
-            // Hypercalls and writes to the page-table pool resume the guest; every other
-            // exit is fatal to the domain.
-            let next = match self.fd.run() {
-                Ok(VcpuExit::IoOut(port, _)) if port == HYPERCALL_PORT => Next::Hypercall,
-                Ok(VcpuExit::MmioWrite(gpa, data)) if dom.in_pool(gpa) => {
-                    match dom.trapped_write(self.id, gpa, data) {
-                        Ok(()) => Next::Resume(ExitKind::Mmio),
-                        Err(reason) => Next::Fatal(ExitKind::Mmio, reason),
-                    }
-                }
-                // Other ports belong to the domain's emulated devices (UART, emulated
-                // block devices); a port no device has crashes the domain.
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    if dom.devices.pio_write(port, data) {
-                        Next::Resume(ExitKind::PortIo)
-                    } else {
-                        Next::Fatal(
-                            ExitKind::PortIo,
-                            CrashReason::UnknownPort {
-                                port,
-                                size: data.len() as u32,
-                                dir: "out",
-                            },
-                        )
-                    }
-                }
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    if port != HYPERCALL_PORT && dom.devices.pio_read(port, data) {
-                        Next::Resume(ExitKind::PortIo)
-                    } else {
-                        Next::Fatal(
-                            ExitKind::PortIo,
-                            CrashReason::UnknownPort {
-                                port,
-                                size: data.len() as u32,
-                                dir: "in",
-                            },
-                        )
-                    }
-                }
-                Ok(VcpuExit::MmioRead(gpa, data)) => mmio_fault(dom, id, gpa, data.len(), "read"),
-                Ok(VcpuExit::MmioWrite(gpa, data)) => mmio_fault(dom, id, gpa, data.len(), "write"),
-                // KVM_RUN failed with EFAULT (or EHWPOISON: kvm-ioctls does not say
-                // which) and, on kernels that annotate the fault, gave the address.
-                Ok(VcpuExit::MemoryFault { gpa, .. }) => Next::HostFault(
-                    ExitKind::Other,
-                    HostFault {
-                        vcpu: id,
-                        kvm_errno: Some(libc::EFAULT),
-                        gpa: Some(gpa),
-                        memory: Some(backed_memory(dom, gpa).unwrap_or(HostMemory::Unknown)),
-                    },
-                ),
-                Ok(VcpuExit::Shutdown) => Next::Fatal(ExitKind::Shutdown, CrashReason::TripleFault),
-                Ok(VcpuExit::InternalError) => Next::Fatal(
-                    ExitKind::InternalError,
-                    CrashReason::EmulationFailure { suberror: 0 },
-                ),
-                Ok(VcpuExit::FailEntry(reason, _cpu)) => {
-                    Next::Fatal(ExitKind::FailEntry, CrashReason::EntryFailure { reason })
-                }
-                Ok(VcpuExit::Hlt) => Next::Fatal(ExitKind::Hlt, CrashReason::Halted),
-                Ok(other) => Next::Fatal(
-                    ExitKind::Other,
-                    CrashReason::UnexpectedExit(format!("{other:?}")),
-                ),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            // What to do is decided by `exit::classify` (pure, unit-tested); this
+            // loop only carries it out.
+            let exit = exit::classify(KvmExit::from_run(self.fd.run()), dom, HYPERCALL_PORT);
+            let kind = exit.kind();
+            let outcome = match exit {
+                Exit::Interrupted => {
                     self.fd.set_kvm_immediate_exit(0);
-                    self.stats.exit(ExitKind::Interrupted);
+                    self.stats.exit(kind);
                     continue;
                 }
-                // KVM_RUN itself failed: the host, not the guest. EFAULT (EHWPOISON)
-                // means guest memory could not be faulted in; KVM did not say where.
-                Err(e) => {
-                    let memory = matches!(e.errno(), libc::EFAULT | libc::EHWPOISON).then(|| {
-                        dom.devices
-                            .regions()
-                            .diagnose(None)
-                            .unwrap_or(HostMemory::Unknown)
-                    });
-                    Next::HostFault(
-                        ExitKind::Other,
-                        HostFault {
-                            vcpu: id,
-                            kvm_errno: Some(e.errno()),
-                            gpa: None,
-                            memory,
-                        },
-                    )
-                }
+                Exit::Hypercall => Ok(kind),
+                Exit::PageTableWrite { gpa, data } => dom
+                    .trapped_write(id, gpa, data)
+                    .map(|()| kind)
+                    .map_err(|r| End::Crash(kind, r)),
+                // A port no device has crashes the domain.
+                Exit::PortOut { port, data } => match dom.devices.pio_write(port, data) {
+                    true => Ok(kind),
+                    false => Err(End::Crash(kind, unknown_port(port, data.len(), "out"))),
+                },
+                Exit::PortIn { port, data } => match dom.devices.pio_read(port, data) {
+                    true => Ok(kind),
+                    false => Err(End::Crash(kind, unknown_port(port, data.len(), "in"))),
+                },
+                Exit::HostFault { gpa, errno, memory } => Err(End::Host(
+                    kind,
+                    HostFault {
+                        vcpu: id,
+                        kvm_errno: errno,
+                        gpa,
+                        memory: fault_memory(dom, gpa, errno, memory),
+                    },
+                )),
+                Exit::Crash(kind, reason) => Err(End::Crash(kind, reason)),
             };
-            // After every exit: the vCPU must run on a pinned L4 of this domain.
-            let next = match (next, self.check_cr3(dom)) {
-                (Next::Fatal(k, r), _) => Next::Fatal(k, r),
-                (Next::HostFault(k, h), _) => Next::HostFault(k, h),
-                (n, Ok(())) => n,
-                (n, Err(reason)) => {
-                    let kind = match n {
-                        Next::Hypercall => ExitKind::Hypercall,
-                        Next::Resume(k) | Next::Fatal(k, _) | Next::HostFault(k, _) => k,
-                    };
-                    Next::Fatal(kind, reason)
-                }
+            // After every exit the guest resumes from: it must run on a pinned L4 of
+            // this domain.
+            let outcome = match outcome {
+                Ok(kind) => match self.check_cr3(dom) {
+                    Ok(()) => Ok(kind),
+                    Err(reason) => Err(End::Crash(kind, reason)),
+                },
+                end => end,
             };
-            match next {
-                Next::Hypercall => {
+            match outcome {
+                Ok(ExitKind::Hypercall) => {
                     self.stats.exit(ExitKind::Hypercall);
                     if self.hypercall(dom) == Disposition::Stop {
                         return;
                     }
                 }
-                Next::Resume(kind) => self.stats.exit(kind),
-                Next::Fatal(kind, mut reason) => {
+                Ok(kind) => self.stats.exit(kind),
+                Err(End::Crash(kind, mut reason)) => {
                     self.stats.exit(kind);
                     if let CrashReason::EmulationFailure { suberror } = &mut reason {
                         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
@@ -382,7 +318,7 @@ impl Vcpu {
                     self.crash(dom, reason);
                     return;
                 }
-                Next::HostFault(kind, fault) => {
+                Err(End::Host(kind, fault)) => {
                     self.stats.exit(kind);
                     let rip = self.fd.get_regs().ok().map(|r| r.rip);
                     tracing::error!(vcpu = self.id, %fault, rip, "domain stopped by a host fault");
@@ -453,5 +389,13 @@ impl Vcpu {
             regs,
             sregs,
         })));
+    }
+}
+
+fn unknown_port(port: u16, size: usize, dir: &'static str) -> CrashReason {
+    CrashReason::UnknownPort {
+        port,
+        size: size as u32,
+        dir,
     }
 }
