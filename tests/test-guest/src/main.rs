@@ -16,6 +16,7 @@
 //! | `console-efault` | `efault_past_end=`, `efault_overflow=`, `efault_cross=`, `too_long=`, `zero_len=` |
 //! | `cpl3` | `cpl3_version=` (the version hypercall made from ring 3); `cpl3_version=gp` (after `fault=13`, crash) if the CPU faulted the ring-3 `out` |
 //! | `hypercalls` | `unknown_op=`, `version_bad_cmd=`, `sched_bad_cmd=`, `shutdown_bad_reason=`, `shutdown_bad_code=`, `yield=`, `version=0x..`, `features=0x..` |
+//! | `shutdown-codes` | `direct_<reason>_<code>=`, `mc_<reason>_<code>=`, `multicall_ok=`, `alive=1`: shutdowns with codes over 99, all refused (see `shutdown_codes.rs`) |
 //! | `cpuid` | `cpuid_sig=`, `cpuid_max_leaf=0x..`, `cpuid_version=0x..`, `cpuid_features=0x..`, `cpuid_port=0x..` |
 //! | `vcpus` | `vcpu1 arg=42` (from vCPU 1), `vcpu1_is_up=`, `vcpu_up_again=`, `vcpu_bad=`, `vcpus ok` |
 //! | `cmdline` | `cmdline=<the whole command line>` |
@@ -33,6 +34,7 @@ mod emu;
 mod evtchn;
 mod grant;
 mod mmu;
+mod shutdown_codes;
 
 use core::cell::UnsafeCell;
 use core::hint::spin_loop;
@@ -71,6 +73,7 @@ fn main(si: &'static StartInfo) -> ! {
         b"console-efault" => console_efault(si),
         b"cpl3" => cpl3(),
         b"hypercalls" => hypercalls(),
+        b"shutdown-codes" => shutdown_codes::run(),
         b"cpuid" => cpuid_leaves(),
         b"vcpus" => vcpus(si),
         b"evtchn-local" => evtchn::local(si),
