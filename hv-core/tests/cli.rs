@@ -696,3 +696,114 @@ fn device_errors_exit_2_before_any_domain_runs() {
         assert!(text(&out.stdout).is_empty());
     }
 }
+
+// ---- several hv processes ----
+
+/// A running `hv` (output piped), killed and reaped when dropped.
+struct HvProcess(std::process::Child);
+
+impl HvProcess {
+    fn spawn(args: &[&str]) -> HvProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_hv"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run hv");
+        HvProcess(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Panics with its output if the process has ended.
+    fn assert_running(&mut self, what: &str) {
+        if let Some(status) = self.0.try_wait().expect("try_wait") {
+            let (mut out, mut err) = (String::new(), String::new());
+            use std::io::Read;
+            if let Some(o) = self.0.stdout.as_mut() {
+                let _ = o.read_to_string(&mut out);
+            }
+            if let Some(e) = self.0.stderr.as_mut() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("hv ended ({status}) {what}\nstdout: {out}\nstderr: {err}");
+        }
+    }
+}
+
+impl Drop for HvProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (at most 60 s) until `hv` holds a lock on `path`, seen in /proc/locks (which
+/// takes no lock itself, so it cannot get in hv's way).
+fn wait_for_lock(hv: &mut HvProcess, path: &std::path::Path) {
+    use hv_core::devices::filelock::{self, LockKind};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        hv.assert_running("before it locked the image");
+        if let Ok(f) = std::fs::File::open(path) {
+            if filelock::holder(&f, LockKind::Exclusive).is_some_and(|h| h.pid == hv.pid()) {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hv {} did not lock {} within 60 s",
+            hv.pid(),
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_disk_image_is_shared_between_processes_only_read_only() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("disk-lock");
+    let img = dir.0.join("shared.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img_s = img.display().to_string();
+    let disk = |ro: bool| format!("{img_s}{}", if ro { ",readonly" } else { "" });
+    // (first holds, second asks): refused unless both are read-only.
+    for (first_ro, second_ro) in [(false, false), (true, true), (true, false), (false, true)] {
+        let case = format!("first readonly={first_ro}, second readonly={second_ro}");
+        let mut first =
+            HvProcess::spawn(&["run", "--cmdline", "role=idle", "--disk", &disk(first_ro)]);
+        wait_for_lock(&mut first, &img);
+        // The demo kernel (no role) prints its banner and powers off at once.
+        let out = hv(&["run", "--disk", &disk(second_ro)]);
+        let stderr = text(&out.stderr);
+        if first_ro && second_ro {
+            assert_eq!(out.status.code(), Some(0), "{case}: {stderr}");
+        } else {
+            assert_eq!(out.status.code(), Some(2), "{case}: {stderr}");
+            let mode = |ro| if ro { "read-only" } else { "writable" };
+            let want = format!(
+                "cannot open disk image {img_s} {}: it is in use by process {} (",
+                mode(second_ro),
+                first.pid()
+            );
+            assert!(stderr.contains(&want), "{case}: {stderr:?} lacks {want:?}");
+            assert!(
+                stderr.contains(&format!("which has it open {}", mode(first_ro))),
+                "{case}: {stderr}"
+            );
+            // The holder's command line is named.
+            assert!(
+                stderr.contains(" run --cmdline role=idle --disk "),
+                "{case}: {stderr}"
+            );
+            assert!(text(&out.stdout).is_empty(), "{case}: nothing ran");
+        }
+        first.assert_running("while the second hv ran");
+    }
+}

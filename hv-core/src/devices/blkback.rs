@@ -364,7 +364,10 @@ fn disk_errno(e: &DiskError) -> Errno {
     match e {
         DiskError::OutOfRange { .. } => Errno::ERANGE,
         DiskError::ReadOnly => Errno::EACCES,
-        DiskError::Io(_) | DiskError::Open { .. } | DiskError::BadSize { .. } => Errno::EIO,
+        DiskError::Io(_)
+        | DiskError::Open { .. }
+        | DiskError::BadSize { .. }
+        | DiskError::Locked { .. } => Errno::EIO,
     }
 }
 

@@ -17,6 +17,7 @@ pub mod blkback;
 pub mod consback;
 pub mod disk;
 pub mod emublk;
+pub mod filelock;
 pub mod passthrough;
 pub mod uart;
 
