@@ -16,6 +16,7 @@ pub mod density;
 pub mod devices;
 pub mod domain;
 pub mod evtchn;
+pub mod fdlimit;
 pub mod grant;
 pub mod hypercall;
 pub mod hypervisor;

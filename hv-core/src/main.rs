@@ -98,6 +98,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    // Each domain holds a few descriptors (hv_core::fdlimit): the default soft limit of
+    // 1024 would stop near 250 domains.
+    match hv_core::fdlimit::raise_soft_limit() {
+        Ok(l) => tracing::debug!(%l, "RLIMIT_NOFILE"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE to its hard limit"),
+    }
     let cli = Cli::parse();
     ExitCode::from(match cli.command {
         Command::Run {

@@ -807,3 +807,81 @@ fn a_disk_image_is_shared_between_processes_only_read_only() {
         first.assert_running("while the second hv ran");
     }
 }
+
+// ---- resource limits ----
+
+/// Runs hv with `args` and RLIMIT_NOFILE set to (`soft`, `hard`).
+fn hv_with_nofile(args: &[&str], soft: u64, hard: u64) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hv"));
+    cmd.args(args);
+    // SAFETY: runs in the forked child before exec and calls only setrlimit, which is
+    // async-signal-safe, on a local value.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run hv")
+}
+
+#[test]
+fn the_soft_descriptor_limit_is_raised_and_running_out_names_the_limit() {
+    if !kvm_available() {
+        return;
+    }
+    // 40 one-vCPU domains hold 160 descriptors, far more than a soft limit of 64.
+    const DOMAINS: usize = 40;
+    let dir = TempDir::new("nofile");
+    let cfg = dir.write(
+        "many.toml",
+        &(0..DOMAINS)
+            .map(|i| {
+                format!(
+                    "{}memory = \"4M\"\n",
+                    guest_domain(&format!("d{i}"), "scenario=hello")
+                )
+            })
+            .collect::<String>(),
+    );
+    let out = hv_with_nofile(&["run", "--config", &cfg], 64, 4096);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for i in 0..DOMAINS {
+        assert!(
+            stdout.contains(&format!("[d{i}] test-guest: hello\n")),
+            "d{i}: {stdout}"
+        );
+        assert!(
+            summary_line(&stderr, &format!("d{i}")).ends_with("powered off with code 0"),
+            "{stderr}"
+        );
+    }
+
+    // The hard limit is too low: a clear message, status 1.
+    let out = hv_with_nofile(&["run", "--config", &cfg], 64, 64);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("hv: {cfg}: cannot create domain \"d")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Too many open files")
+            && stderr.contains("RLIMIT_NOFILE is 64 (hard limit 64), and this domain holds 4 ")
+            && stderr.contains("(2 + 2 per vCPU + 1 per disk, region or console file)"),
+        "{stderr}"
+    );
+    assert!(
+        text(&out.stdout).is_empty(),
+        "nothing ran: {}",
+        text(&out.stdout)
+    );
+}
