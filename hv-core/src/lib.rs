@@ -25,6 +25,7 @@ pub mod memory;
 pub mod mmu;
 pub mod outcome;
 pub mod registry;
+pub mod signals;
 pub mod stats;
 pub mod time;
 pub mod upcall;

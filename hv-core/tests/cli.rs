@@ -885,3 +885,229 @@ fn the_soft_descriptor_limit_is_raised_and_running_out_names_the_limit() {
         text(&out.stdout)
     );
 }
+
+// ---- signals ----
+
+/// A running hv whose standard output is read line by line as it comes.
+struct LiveHv {
+    proc: HvProcess,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdout: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl LiveHv {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> LiveHv {
+        use std::io::{BufRead, Read};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hv"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run hv");
+        let out = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        LiveHv {
+            proc: HvProcess(child),
+            lines,
+            stdout: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Waits (at most 60 s) for a stdout line containing `needle`.
+    fn wait_for_line(&mut self, needle: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !self.stdout.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.stdout.push(l),
+                Err(e) => {
+                    let _ = self.proc.0.kill();
+                    let err = self.stderr.take().and_then(|h| h.join().ok());
+                    panic!(
+                        "no stdout line with {needle:?} ({e}); stdout: {:?}\nstderr: {}",
+                        self.stdout,
+                        err.unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.proc.pid()).expect("pid");
+        // SAFETY: kill has no memory effects; the pid is our own live child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill");
+    }
+
+    /// Waits (at most `bound`) for hv to end: its status, stdout, stderr, how long it took.
+    fn wait_exit(
+        mut self,
+        bound: std::time::Duration,
+    ) -> (
+        std::process::ExitStatus,
+        String,
+        String,
+        std::time::Duration,
+    ) {
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = self.proc.0.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < bound,
+                "hv still runs {bound:?} after the signal"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let took = t0.elapsed();
+        while let Ok(l) = self.lines.recv_timeout(std::time::Duration::from_secs(10)) {
+            self.stdout.push(l);
+        }
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        (status, self.stdout.join("\n"), stderr, took)
+    }
+}
+
+/// How long hv may take to stop after a signal (generous: the machine is shared).
+const STOP_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[test]
+fn sigterm_stops_the_domain_prints_summary_and_stats_and_exits_143() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = test_guest().display().to_string();
+    let name = test_guest()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let mut hv = LiveHv::spawn(
+        &["run", &guest, "--cmdline", "scenario=idle", "--stats"],
+        &[],
+    );
+    hv.wait_for_line("idle: ready");
+    hv.signal(libc::SIGTERM);
+    let (status, stdout, stderr, _) = hv.wait_exit(STOP_BOUND);
+    assert_eq!(status.code(), Some(143), "{status}: {stdout}\n{stderr}");
+    assert!(
+        stderr.contains("hv: SIGTERM: stopping every domain"),
+        "{stderr}"
+    );
+    // --stats, then the summary.
+    assert!(
+        stderr.contains(&format!("domain {name}: destroyed by the host (created in")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("exits by reason"), "{stderr}");
+    assert!(
+        summary_line(&stderr, &name).ends_with("destroyed by the host"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigint_stops_every_domain_and_syncs_the_disks_and_exits_130() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("sigint");
+    let cfg = dir.write(
+        "two.toml",
+        &format!(
+            "{}{}[[domain.disk]]\npath = \"d.img\"\nsize = \"1M\"\n",
+            guest_domain("idler", "scenario=idle"),
+            guest_domain("writer", "scenario=blk-idle"),
+        ),
+    );
+    let mut hv = LiveHv::spawn(
+        &["run", "--config", &cfg, "--stats"],
+        &[("RUST_LOG", "hv_core::devices=debug")],
+    );
+    hv.wait_for_line("[idler] idle: ready");
+    hv.wait_for_line("[writer] idle_connect=0 idle_write=0");
+    hv.signal(libc::SIGINT);
+    let (status, stdout, stderr, _) = hv.wait_exit(STOP_BOUND);
+    assert_eq!(status.code(), Some(130), "{status}: {stdout}\n{stderr}");
+    assert!(
+        stderr.contains("hv: SIGINT: stopping every domain"),
+        "{stderr}"
+    );
+    for (name, id) in [("idler", 1), ("writer", 2)] {
+        assert!(
+            summary_line(&stderr, name).ends_with("destroyed by the host"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("domain {name} (id {id}): destroyed by the host")),
+            "{stderr}"
+        );
+    }
+    assert_eq!(stderr.matches("exits by reason").count(), 2, "{stderr}");
+    // The PV block back-end was stopped and the image synced; the write is in it.
+    assert!(stderr.contains("disk image synced"), "{stderr}");
+    let image = std::fs::read(dir.0.join("d.img")).unwrap();
+    assert_eq!(image.len(), 1 << 20);
+    for w in 0..512u64 {
+        // The test guest's pattern(salt 9, page 0, word w), written to sectors 0-7.
+        let want = (9u64 << 56) ^ w.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let at = (w * 8) as usize;
+        assert_eq!(
+            u64::from_le_bytes(image[at..at + 8].try_into().unwrap()),
+            want,
+            "word {w}"
+        );
+    }
+}
+
+#[test]
+fn a_second_signal_while_stopping_does_not_hang() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = test_guest().display().to_string();
+    let mut hv = LiveHv::spawn(&["run", &guest, "--cmdline", "scenario=idle"], &[]);
+    hv.wait_for_line("idle: ready");
+    hv.signal(libc::SIGTERM);
+    hv.signal(libc::SIGINT);
+    let (status, stdout, stderr, _) = hv.wait_exit(STOP_BOUND);
+    // sigwait takes whichever is pending first (the lower number, SIGINT, if both are);
+    // the other one then either comes during the stop and ends hv at once with its own
+    // status, or finds hv done (the summary printed, the first signal's status).
+    let again = [("SIGINT", 130), ("SIGTERM", 143)]
+        .into_iter()
+        .find(|(s, _)| stderr.contains(&format!("hv: {s} again while stopping: exiting now")));
+    match again {
+        Some((_, code)) => assert_eq!(status.code(), Some(code), "{stdout}\n{stderr}"),
+        None => {
+            assert!(
+                matches!(status.code(), Some(130 | 143)),
+                "{status}: {stdout}\n{stderr}"
+            );
+            assert!(stderr.contains("destroyed by the host"), "{stderr}");
+        }
+    }
+}
