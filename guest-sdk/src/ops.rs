@@ -77,12 +77,12 @@ pub fn sched_yield() -> Result<(), Error> {
 /// `reason` is one of [`hv_abi::sched`]'s `SHUTDOWN_*` values; `code` is the exit
 /// status for [`SHUTDOWN_POWEROFF`] (at most
 /// [`SHUTDOWN_CODE_MAX`](hv_abi::sched::SHUTDOWN_CODE_MAX)). If the hypervisor refuses
-/// the request (bad reason or code), falls back to a crash shutdown; if even that
-/// returns, spins forever.
+/// the request (bad reason, or a code above the maximum for any reason), falls back
+/// to a crash shutdown with code 0; if even that returns, spins forever.
 pub fn shutdown(reason: u64, code: u64) -> ! {
     // SAFETY: SCHEDOP_SHUTDOWN takes no pointer; on success it does not return.
     unsafe { hypercall3(Op::SchedOp, SCHEDOP_SHUTDOWN, reason, code) };
-    if reason != SHUTDOWN_CRASH {
+    if (reason, code) != (SHUTDOWN_CRASH, 0) {
         // SAFETY: as above.
         unsafe { hypercall3(Op::SchedOp, SCHEDOP_SHUTDOWN, SHUTDOWN_CRASH, 0) };
     }

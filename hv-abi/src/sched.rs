@@ -40,7 +40,8 @@ pub const SHUTDOWN_REBOOT: u64 = 1;
 /// Shutdown reason: the guest crashed (for example a kernel panic).
 pub const SHUTDOWN_CRASH: u64 = 3;
 
-/// Largest exit code a guest may pass with [`SHUTDOWN_POWEROFF`].
+/// Largest `code` a shutdown may pass, whatever its reason (a larger one is refused
+/// with `-EINVAL`); with [`SHUTDOWN_POWEROFF`] the code is the domain's exit status.
 pub const SHUTDOWN_CODE_MAX: u64 = 99;
 
 #[cfg(test)]

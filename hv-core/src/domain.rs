@@ -157,6 +157,9 @@ pub enum DomainError {
     /// A passthrough region could not be assigned or mapped.
     #[error("{0}")]
     Passthrough(#[from] PassthroughError),
+    /// The process ran out of file descriptors (`RLIMIT_NOFILE`).
+    #[error("{0}")]
+    FdLimit(#[from] crate::fdlimit::FdLimitError),
 }
 
 /// Domain ids are below this (0x7FF0 and up are special ids such as `DOMID_SELF`).

@@ -137,10 +137,12 @@ fn sched_op(dom: &DomainShared, vcpu: u32, cmd: u64, reason: u64, code: u64) -> 
             ret(Ok(0))
         }
         SCHEDOP_SHUTDOWN => {
+            // SPEC §8.3: a code above the maximum is refused whatever the reason.
+            if code > SHUTDOWN_CODE_MAX {
+                return ret(Err(Errno::EINVAL));
+            }
             let outcome = match reason {
-                SHUTDOWN_POWEROFF if code <= SHUTDOWN_CODE_MAX => {
-                    Outcome::Poweroff { code: code as u8 }
-                }
+                SHUTDOWN_POWEROFF => Outcome::Poweroff { code: code as u8 },
                 SHUTDOWN_REBOOT => Outcome::Reboot,
                 SHUTDOWN_CRASH => Outcome::Crash(Box::new(CrashReport::without_regs(
                     vcpu,

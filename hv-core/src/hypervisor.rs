@@ -13,6 +13,7 @@ use kvm_ioctls::Kvm;
 use crate::devices::passthrough::Regions;
 
 use crate::domain::{Domain, DomainConfig, DomainError, DomainReport, MAX_DOMID};
+use crate::fdlimit;
 use crate::loader::KernelImage;
 use crate::registry::Registry;
 
@@ -61,13 +62,27 @@ impl Hypervisor {
             .unwrap_or(MAX_DOMID)
     }
 
-    /// Creates a domain (not running yet). Returns its id.
+    /// Creates a domain (not running yet). Returns its id. A domain that runs out of
+    /// file descriptors fails with [`DomainError::FdLimit`], naming the limit and what
+    /// the domain needs.
     pub fn create_domain(
         &mut self,
         config: DomainConfig,
         image: &KernelImage,
     ) -> Result<u32, DomainError> {
-        let d = Domain::create_in(&self.kvm, &self.registry, config, image)?;
+        let cost = fdlimit::domain_cost(config.vcpus, &config.devices, &config.console_spec);
+        let d = Domain::create_in(&self.kvm, &self.registry, config, image).map_err(|e| {
+            match fdlimit::limits() {
+                Ok(limits) if fdlimit::is_emfile(&e) => {
+                    DomainError::FdLimit(fdlimit::FdLimitError {
+                        what: e.to_string(),
+                        limits,
+                        cost,
+                    })
+                }
+                _ => e,
+            }
+        })?;
         let id = d.shared().domid;
         self.domains.push(d);
         Ok(id)

@@ -8,15 +8,17 @@ use clap::{Parser, Subcommand};
 use hv_core::config::{self, Config, ConfigError};
 use hv_core::devices::passthrough::RegionSpec;
 use hv_core::devices::{ConsoleInput, ConsoleSpec, DeviceSpec};
+use hv_core::hypervisor::{DomainResult, Hypervisor};
 use hv_core::outcome::{EXIT_INTERNAL, EXIT_USAGE};
-use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig};
+use hv_core::signals::ShutdownSignals;
+use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig, DomainError, KernelImage};
 
 #[derive(Parser)]
 #[command(
     name = "hv",
     version,
     about = "hv: a paravirtual hypervisor on KVM",
-    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run kernel.elf --disk disk.img,size=64M --console-input -   a PV disk, console input from stdin\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n  hv bench density --domains 200   density with 200 idle domains\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error or a host fault (e.g. a passthrough file that cannot be backed). With\n--config: 100 if any domain crashed, else 1 if one could not run or hit a host fault,\nelse the first non-zero poweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
+    after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run kernel.elf --disk disk.img,size=64M --console-input -   a PV disk, console input from stdin\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n  hv bench density --domains 200   density with 200 idle domains\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error or a host fault (e.g. a passthrough file that cannot be backed); 128+N when stopped by signal N (130 SIGINT, 143 SIGTERM: every\ndomain is stopped, the summary printed). With --config: 100 if any domain crashed, else 1 if one could not run or hit a host\nfault, else the first non-zero poweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -98,13 +100,31 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    // Each domain holds a few descriptors (hv_core::fdlimit): the default soft limit of
+    // 1024 would stop near 250 domains.
+    match hv_core::fdlimit::raise_soft_limit() {
+        Ok(l) => tracing::debug!(%l, "RLIMIT_NOFILE"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE to its hard limit"),
+    }
     let cli = Cli::parse();
-    ExitCode::from(match cli.command {
+    // `hv run` takes SIGINT and SIGTERM on a thread of its own (hv_core::signals); the
+    // signals are blocked before any other thread exists.
+    let signals = match &cli.command {
+        Command::Run { .. } => match ShutdownSignals::install() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("hv: {e}");
+                return ExitCode::from(EXIT_INTERNAL);
+            }
+        },
+        _ => None,
+    };
+    let code = match cli.command {
         Command::Run {
             config: Some(path),
             stats,
             ..
-        } => run_config(&path, stats),
+        } => run_config(&path, stats, signals.as_ref()),
         Command::Run {
             kernel,
             config: None,
@@ -142,7 +162,7 @@ fn main() -> ExitCode {
                 console_spec,
                 ..DomainConfig::default()
             };
-            run(kernel, config, stats)
+            run(kernel, config, stats, signals.as_ref())
         }
         Command::Version => {
             println!(
@@ -181,13 +201,19 @@ fn main() -> ExitCode {
                 }
             }
         },
-    })
+    };
+    // A stopping signal outranks the domains' outcomes (the summary is printed already).
+    ExitCode::from(
+        signals
+            .and_then(|s| s.received())
+            .map_or(code, hv_core::signals::exit_status),
+    )
 }
 
 /// `hv run --config FILE`: checks the whole file and every kernel, creates and connects
 /// the domains, runs them together (console lines prefixed with the domain's name) and
 /// prints a summary to stderr.
-fn run_config(path: &Path, stats: bool) -> u8 {
+fn run_config(path: &Path, stats: bool, signals: Option<&ShutdownSignals>) -> u8 {
     let fail = |e: ConfigError| {
         eprintln!("hv: {}: {e}", path.display());
         if e.is_user_error() {
@@ -221,7 +247,7 @@ fn run_config(path: &Path, stats: bool) -> u8 {
         Ok(hv) => hv,
         Err(e) => return fail(e),
     };
-    let results = hv.run();
+    let results = run_all(hv, signals);
     for r in &results {
         match &r.report {
             Ok(report) => {
@@ -250,7 +276,33 @@ fn run_config(path: &Path, stats: bool) -> u8 {
     config::exit_code(&results)
 }
 
-fn run(kernel: Option<PathBuf>, config: DomainConfig, stats: bool) -> u8 {
+/// Runs every domain of `hv` until all have ended, stopping them all if a stopping
+/// signal arrives (hv_core::signals).
+fn run_all(hv: Hypervisor, signals: Option<&ShutdownSignals>) -> Vec<DomainResult> {
+    let running = hv.start();
+    if let Some(s) = signals {
+        s.watch(running.domains());
+    }
+    running.wait()
+}
+
+fn run(
+    kernel: Option<PathBuf>,
+    config: DomainConfig,
+    stats: bool,
+    signals: Option<&ShutdownSignals>,
+) -> u8 {
+    let what = kernel
+        .as_ref()
+        .map_or("the demo kernel".into(), |p| p.display().to_string());
+    let fail = |e: DomainError| {
+        eprintln!("hv: cannot run {what}: {e}");
+        if e.is_user_error() {
+            EXIT_USAGE
+        } else {
+            EXIT_INTERNAL
+        }
+    };
     let bytes = match &kernel {
         Some(p) => match std::fs::read(p) {
             Ok(b) => b,
@@ -268,34 +320,48 @@ fn run(kernel: Option<PathBuf>, config: DomainConfig, stats: bool) -> u8 {
             return EXIT_INTERNAL;
         }
     };
-    match domain::run_elf(&kvm, config, &bytes) {
-        Ok(report) => {
-            if let Some(c) = report.outcome.crash() {
-                eprintln!("hv: domain {} crashed\n{c}", report.name);
-            }
-            if let Some(h) = report.outcome.host_fault() {
-                eprintln!("hv: domain {} stopped by a host fault: {h}", report.name);
-            }
-            if stats {
-                eprintln!(
-                    "domain {}: {} (created in {:.3} ms, ran {:.3} ms)\n{}",
-                    report.name,
-                    report.outcome,
-                    report.created_in.as_secs_f64() * 1e3,
-                    report.ran_for.as_secs_f64() * 1e3,
-                    report.stats
-                );
-            }
-            report.outcome.exit_code()
-        }
+    let image = match KernelImage::from_elf(&bytes) {
+        Ok(i) => i,
+        Err(e) => return fail(e.into()),
+    };
+    let mut hv = Hypervisor::new(kvm);
+    if let Err(e) = hv.create_domain(config, &image) {
+        return fail(e);
+    }
+    let results = run_all(hv, signals);
+    let Some(result) = results.first() else {
+        return EXIT_INTERNAL;
+    };
+    let report = match &result.report {
+        Ok(r) => r,
         Err(e) => {
-            let what = kernel.map_or("the demo kernel".into(), |p| p.display().to_string());
             eprintln!("hv: cannot run {what}: {e}");
-            if e.is_user_error() {
+            return if e.is_user_error() {
                 EXIT_USAGE
             } else {
                 EXIT_INTERNAL
-            }
+            };
         }
+    };
+    if let Some(c) = report.outcome.crash() {
+        eprintln!("hv: domain {} crashed\n{c}", report.name);
     }
+    if let Some(h) = report.outcome.host_fault() {
+        eprintln!("hv: domain {} stopped by a host fault: {h}", report.name);
+    }
+    if stats {
+        eprintln!(
+            "domain {}: {} (created in {:.3} ms, ran {:.3} ms)\n{}",
+            report.name,
+            report.outcome,
+            report.created_in.as_secs_f64() * 1e3,
+            report.ran_for.as_secs_f64() * 1e3,
+            report.stats
+        );
+    }
+    // Stopped by a signal: the same summary as with --config.
+    if signals.is_some_and(|s| s.received().is_some()) {
+        eprint!("{}", config::summary(&results));
+    }
+    report.outcome.exit_code()
 }

@@ -673,3 +673,418 @@ fn device_errors_exit_2_before_any_domain_runs() {
         assert!(text(&out.stdout).is_empty());
     }
 }
+
+// ---- several hv processes ----
+
+/// A running `hv` (output piped), killed and reaped when dropped.
+struct HvProcess(std::process::Child);
+
+impl HvProcess {
+    fn spawn(args: &[&str]) -> HvProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_hv"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run hv");
+        HvProcess(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Panics with its output if the process has ended.
+    fn assert_running(&mut self, what: &str) {
+        if let Some(status) = self.0.try_wait().expect("try_wait") {
+            let (mut out, mut err) = (String::new(), String::new());
+            use std::io::Read;
+            if let Some(o) = self.0.stdout.as_mut() {
+                let _ = o.read_to_string(&mut out);
+            }
+            if let Some(e) = self.0.stderr.as_mut() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("hv ended ({status}) {what}\nstdout: {out}\nstderr: {err}");
+        }
+    }
+}
+
+impl Drop for HvProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (at most 60 s) until `hv` holds a lock on `path`, seen in /proc/locks (which
+/// takes no lock itself, so it cannot get in hv's way).
+fn wait_for_lock(hv: &mut HvProcess, path: &std::path::Path) {
+    use hv_core::devices::filelock::{self, LockKind};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        hv.assert_running("before it locked the image");
+        if let Ok(f) = std::fs::File::open(path) {
+            if filelock::holder(&f, LockKind::Exclusive).is_some_and(|h| h.pid == hv.pid()) {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hv {} did not lock {} within 60 s",
+            hv.pid(),
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_disk_image_is_shared_between_processes_only_read_only() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("disk-lock");
+    let img = dir.0.join("shared.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img_s = img.display().to_string();
+    let disk = |ro: bool| format!("{img_s}{}", if ro { ",readonly" } else { "" });
+    // (first holds, second asks): refused unless both are read-only.
+    for (first_ro, second_ro) in [(false, false), (true, true), (true, false), (false, true)] {
+        let case = format!("first readonly={first_ro}, second readonly={second_ro}");
+        let mut first =
+            HvProcess::spawn(&["run", "--cmdline", "role=idle", "--disk", &disk(first_ro)]);
+        wait_for_lock(&mut first, &img);
+        // The demo kernel (no role) prints its banner and powers off at once.
+        let out = hv(&["run", "--disk", &disk(second_ro)]);
+        let stderr = text(&out.stderr);
+        if first_ro && second_ro {
+            assert_eq!(out.status.code(), Some(0), "{case}: {stderr}");
+        } else {
+            assert_eq!(out.status.code(), Some(2), "{case}: {stderr}");
+            let mode = |ro| if ro { "read-only" } else { "writable" };
+            let want = format!(
+                "cannot open disk image {img_s} {}: it is in use by process {} (",
+                mode(second_ro),
+                first.pid()
+            );
+            assert!(stderr.contains(&want), "{case}: {stderr:?} lacks {want:?}");
+            assert!(
+                stderr.contains(&format!("which has it open {}", mode(first_ro))),
+                "{case}: {stderr}"
+            );
+            // The holder's command line is named.
+            assert!(
+                stderr.contains(" run --cmdline role=idle --disk "),
+                "{case}: {stderr}"
+            );
+            assert!(text(&out.stdout).is_empty(), "{case}: nothing ran");
+        }
+        first.assert_running("while the second hv ran");
+    }
+}
+
+// ---- resource limits ----
+
+/// Runs hv with `args` and RLIMIT_NOFILE set to (`soft`, `hard`).
+fn hv_with_nofile(args: &[&str], soft: u64, hard: u64) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hv"));
+    cmd.args(args);
+    // SAFETY: runs in the forked child before exec and calls only setrlimit, which is
+    // async-signal-safe, on a local value.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run hv")
+}
+
+#[test]
+fn the_soft_descriptor_limit_is_raised_and_running_out_names_the_limit() {
+    if !kvm_available() {
+        return;
+    }
+    // 40 one-vCPU domains hold 160 descriptors, far more than a soft limit of 64.
+    const DOMAINS: usize = 40;
+    let dir = TempDir::new("nofile");
+    let cfg = dir.write(
+        "many.toml",
+        &(0..DOMAINS)
+            .map(|i| {
+                format!(
+                    "{}memory = \"4M\"\n",
+                    guest_domain(&format!("d{i}"), "scenario=hello")
+                )
+            })
+            .collect::<String>(),
+    );
+    let out = hv_with_nofile(&["run", "--config", &cfg], 64, 4096);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for i in 0..DOMAINS {
+        assert!(
+            stdout.contains(&format!("[d{i}] test-guest: hello\n")),
+            "d{i}: {stdout}"
+        );
+        assert!(
+            summary_line(&stderr, &format!("d{i}")).ends_with("powered off with code 0"),
+            "{stderr}"
+        );
+    }
+
+    // The hard limit is too low: a clear message, status 1.
+    let out = hv_with_nofile(&["run", "--config", &cfg], 64, 64);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("hv: {cfg}: cannot create domain \"d")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Too many open files")
+            && stderr.contains("RLIMIT_NOFILE is 64 (hard limit 64), and this domain holds 4 ")
+            && stderr.contains("(2 + 2 per vCPU + 1 per disk, region or console file)"),
+        "{stderr}"
+    );
+    assert!(
+        text(&out.stdout).is_empty(),
+        "nothing ran: {}",
+        text(&out.stdout)
+    );
+}
+
+// ---- signals ----
+
+/// A running hv whose standard output is read line by line as it comes.
+struct LiveHv {
+    proc: HvProcess,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdout: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl LiveHv {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> LiveHv {
+        use std::io::{BufRead, Read};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hv"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run hv");
+        let out = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        LiveHv {
+            proc: HvProcess(child),
+            lines,
+            stdout: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Waits (at most 60 s) for a stdout line containing `needle`.
+    fn wait_for_line(&mut self, needle: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !self.stdout.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.stdout.push(l),
+                Err(e) => {
+                    let _ = self.proc.0.kill();
+                    let err = self.stderr.take().and_then(|h| h.join().ok());
+                    panic!(
+                        "no stdout line with {needle:?} ({e}); stdout: {:?}\nstderr: {}",
+                        self.stdout,
+                        err.unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.proc.pid()).expect("pid");
+        // SAFETY: kill has no memory effects; the pid is our own live child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill");
+    }
+
+    /// Waits (at most `bound`) for hv to end: its status, stdout, stderr, how long it took.
+    fn wait_exit(
+        mut self,
+        bound: std::time::Duration,
+    ) -> (
+        std::process::ExitStatus,
+        String,
+        String,
+        std::time::Duration,
+    ) {
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = self.proc.0.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < bound,
+                "hv still runs {bound:?} after the signal"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let took = t0.elapsed();
+        while let Ok(l) = self.lines.recv_timeout(std::time::Duration::from_secs(10)) {
+            self.stdout.push(l);
+        }
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        (status, self.stdout.join("\n"), stderr, took)
+    }
+}
+
+/// How long hv may take to stop after a signal (generous: the machine is shared).
+const STOP_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[test]
+fn sigterm_stops_the_domain_prints_summary_and_stats_and_exits_143() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = test_guest().display().to_string();
+    let name = test_guest()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let mut hv = LiveHv::spawn(
+        &["run", &guest, "--cmdline", "scenario=idle", "--stats"],
+        &[],
+    );
+    hv.wait_for_line("idle: ready");
+    hv.signal(libc::SIGTERM);
+    let (status, stdout, stderr, _) = hv.wait_exit(STOP_BOUND);
+    assert_eq!(status.code(), Some(143), "{status}: {stdout}\n{stderr}");
+    assert!(
+        stderr.contains("hv: SIGTERM: stopping every domain"),
+        "{stderr}"
+    );
+    // --stats, then the summary.
+    assert!(
+        stderr.contains(&format!("domain {name}: destroyed by the host (created in")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("exits by reason"), "{stderr}");
+    assert!(
+        summary_line(&stderr, &name).ends_with("destroyed by the host"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigint_stops_every_domain_and_syncs_the_disks_and_exits_130() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("sigint");
+    let cfg = dir.write(
+        "two.toml",
+        &format!(
+            "{}{}[[domain.disk]]\npath = \"d.img\"\nsize = \"1M\"\n",
+            guest_domain("idler", "scenario=idle"),
+            guest_domain("writer", "scenario=blk-idle"),
+        ),
+    );
+    let mut hv = LiveHv::spawn(
+        &["run", "--config", &cfg, "--stats"],
+        &[("RUST_LOG", "hv_core::devices=debug")],
+    );
+    hv.wait_for_line("[idler] idle: ready");
+    hv.wait_for_line("[writer] idle_connect=0 idle_write=0");
+    hv.signal(libc::SIGINT);
+    let (status, stdout, stderr, _) = hv.wait_exit(STOP_BOUND);
+    assert_eq!(status.code(), Some(130), "{status}: {stdout}\n{stderr}");
+    assert!(
+        stderr.contains("hv: SIGINT: stopping every domain"),
+        "{stderr}"
+    );
+    for (name, id) in [("idler", 1), ("writer", 2)] {
+        assert!(
+            summary_line(&stderr, name).ends_with("destroyed by the host"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("domain {name} (id {id}): destroyed by the host")),
+            "{stderr}"
+        );
+    }
+    assert_eq!(stderr.matches("exits by reason").count(), 2, "{stderr}");
+    // The PV block back-end was stopped and the image synced; the write is in it.
+    assert!(stderr.contains("disk image synced"), "{stderr}");
+    let image = std::fs::read(dir.0.join("d.img")).unwrap();
+    assert_eq!(image.len(), 1 << 20);
+    for w in 0..512u64 {
+        // The test guest's pattern(salt 9, page 0, word w), written to sectors 0-7.
+        let want = (9u64 << 56) ^ w.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let at = (w * 8) as usize;
+        assert_eq!(
+            u64::from_le_bytes(image[at..at + 8].try_into().unwrap()),
+            want,
+            "word {w}"
+        );
+    }
+}
+
+#[test]
+fn a_second_signal_while_stopping_does_not_hang() {
+    if !kvm_available() {
+        return;
+    }
+    let guest = test_guest().display().to_string();
+    let mut hv = LiveHv::spawn(&["run", &guest, "--cmdline", "scenario=idle"], &[]);
+    hv.wait_for_line("idle: ready");
+    hv.signal(libc::SIGTERM);
+    hv.signal(libc::SIGINT);
+    let (status, stdout, stderr, _) = hv.wait_exit(STOP_BOUND);
+    // sigwait takes whichever is pending first (the lower number, SIGINT, if both are);
+    // the other one then either comes during the stop and ends hv at once with its own
+    // status, or finds hv done (the summary printed, the first signal's status).
+    let again = [("SIGINT", 130), ("SIGTERM", 143)]
+        .into_iter()
+        .find(|(s, _)| stderr.contains(&format!("hv: {s} again while stopping: exiting now")));
+    match again {
+        Some((_, code)) => assert_eq!(status.code(), Some(code), "{stdout}\n{stderr}"),
+        None => {
+            assert!(
+                matches!(status.code(), Some(130 | 143)),
+                "{status}: {stdout}\n{stderr}"
+            );
+            assert!(stderr.contains("destroyed by the host"), "{stderr}");
+        }
+    }
+}

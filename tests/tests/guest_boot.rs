@@ -166,6 +166,42 @@ fn hypercall_argument_errors() {
     assert!(s.op(Op::SchedOp).errors >= 3);
 }
 
+/// SPEC §8.3: a shutdown code above 99 is -EINVAL for every reason (reboot and crash
+/// included), directly and inside a multicall; the domain runs on.
+#[test]
+fn shutdown_code_over_99_is_refused_for_every_reason() {
+    if !kvm_available() {
+        return;
+    }
+    let run = scenario("shutdown-codes", "");
+    // A shutdown that was accepted would have ended the domain as a reboot or a crash.
+    run.assert_poweroff(0);
+    assert_eq!(run.int("alive"), 1, "{}", run.console);
+    assert_eq!(run.int("multicall_ok"), 1, "{}", run.console);
+    let einval = Errno::EINVAL.to_ret();
+    for reason in ["reboot", "crash", "poweroff"] {
+        for code in ["100", "max"] {
+            assert_eq!(
+                run.int(&format!("direct_{reason}_{code}")),
+                einval,
+                "{reason} {code}: {}",
+                run.console
+            );
+            assert_eq!(
+                run.int(&format!("mc_{reason}_{code}")),
+                einval,
+                "multicall {reason} {code}: {}",
+                run.console
+            );
+        }
+    }
+    let s = &run.report.stats;
+    // The 6 refused direct calls (multicall entries count under multicall); the final
+    // poweroff succeeded.
+    assert_eq!(s.op(Op::SchedOp).errors, 6, "{}", run.console);
+    assert_eq!(s.op(Op::SchedOp).count, 7, "{}", run.console);
+}
+
 #[test]
 fn console_buffer_outside_guest_memory_is_efault() {
     if !kvm_available() {

@@ -14,7 +14,8 @@
 //!
 //! The connection lives under one mutex that the thread takes per request, so
 //! `DEVOP_DISCONNECT` waits at most for the request in progress. The thread holds only a
-//! weak reference to its domain and stops (joined) when the domain dies.
+//! weak reference to its domain and stops (joined) when the domain dies, after the
+//! request in progress; the image is then `fdatasync`'d.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -243,7 +244,9 @@ impl BlkBack {
         Ok(())
     }
 
-    /// Stops the thread (joined) and releases a live connection. Idempotent.
+    /// Stops the thread (joined: the request in progress finishes), makes what it wrote
+    /// durable (`fdatasync` of a writable image) and releases a live connection.
+    /// Idempotent.
     pub(super) fn stop(&self, dom: &DomainShared) {
         if let Ok(mut w) = self.inner.wake.lock() {
             w.stop = true;
@@ -254,6 +257,7 @@ impl BlkBack {
             if h.join().is_err() {
                 tracing::error!(dev = self.inner.dev, "a PV block back-end thread panicked");
             }
+            super::sync_disk(&self.inner.disk, self.inner.dev);
         }
         if let Ok(mut slot) = self.inner.lock_slot() {
             if slot.conn.is_some() {
@@ -364,7 +368,10 @@ fn disk_errno(e: &DiskError) -> Errno {
     match e {
         DiskError::OutOfRange { .. } => Errno::ERANGE,
         DiskError::ReadOnly => Errno::EACCES,
-        DiskError::Io(_) | DiskError::Open { .. } | DiskError::BadSize { .. } => Errno::EIO,
+        DiskError::Io(_)
+        | DiskError::Open { .. }
+        | DiskError::BadSize { .. }
+        | DiskError::Locked { .. } => Errno::EIO,
     }
 }
 

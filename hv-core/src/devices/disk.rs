@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use hv_abi::blkif::SECTOR_SIZE;
 use thiserror::Error;
 
+use super::filelock::{self, HolderText, LockKind};
+
 /// Errors opening or using a disk image.
 #[derive(Debug, Error)]
 pub enum DiskError {
@@ -40,6 +42,21 @@ pub enum DiskError {
         /// Sectors on the disk.
         sectors: u64,
     },
+    /// Another open file (another process, usually) holds a conflicting lock on the
+    /// image: a writable image is used by one at a time, a read-only one may be shared.
+    #[error(
+        "cannot open disk image {path} {}: it is in use by {holder} (an image can be shared \
+         only when every user opens it read-only)",
+        wanted.use_name()
+    )]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// The lock hv asked for.
+        wanted: LockKind,
+        /// Who holds the lock, if it could be found.
+        holder: HolderText,
+    },
     /// A write to a read-only disk.
     #[error("the disk is read-only")]
     ReadOnly,
@@ -59,9 +76,11 @@ pub struct DiskSpec {
     pub readonly: bool,
 }
 
-/// An open disk image.
+/// An open disk image, locked (shared if read-only, else exclusive: see
+/// [`super::filelock`]) until it is dropped.
 #[derive(Debug)]
 pub struct Disk {
+    /// Holds the image's lock while open.
     file: File,
     path: PathBuf,
     sectors: u64,
@@ -69,7 +88,9 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Opens (or creates, if `spec.create_size` is set and the file is missing) an image.
+    /// Opens (or creates, if `spec.create_size` is set and the file is missing) an image
+    /// and locks it: shared if read-only, exclusive if writable. [`DiskError::Locked`],
+    /// naming the holder, if another open file holds a conflicting lock.
     pub fn open(spec: &DiskSpec) -> Result<Disk, DiskError> {
         let open_err = |source| DiskError::Open {
             path: spec.path.clone(),
@@ -98,6 +119,18 @@ impl Disk {
                 .open(&spec.path)
                 .map_err(open_err)?,
         };
+        let wanted = if spec.readonly {
+            LockKind::Shared
+        } else {
+            LockKind::Exclusive
+        };
+        if !filelock::try_lock(&file, wanted).map_err(open_err)? {
+            return Err(DiskError::Locked {
+                path: spec.path.clone(),
+                wanted,
+                holder: HolderText(filelock::holder(&file, wanted)),
+            });
+        }
         let bytes = file.metadata().map_err(open_err)?.len();
         if bytes == 0 || bytes % SECTOR_SIZE != 0 {
             return Err(DiskError::BadSize {
@@ -364,6 +397,42 @@ mod tests {
         // SAFETY: as above.
         let e = unsafe { d.readv_raw(7, &r) };
         assert!(matches!(e, Err(DiskError::OutOfRange { .. })));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn images_are_locked_while_open() {
+        let path = tmp("lock");
+        let spec = |readonly| DiskSpec {
+            path: path.clone(),
+            create_size: Some(4096),
+            readonly,
+        };
+        let w = Disk::open(&spec(false)).unwrap();
+        // A second open of the image, even in this process, is refused either way.
+        for readonly in [false, true] {
+            let e = Disk::open(&spec(readonly)).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, DiskError::Locked { .. }), "{msg}");
+            assert!(
+                msg.contains(&format!("process {} (this process)", std::process::id()))
+                    && msg.contains("which has it open writable"),
+                "{msg}"
+            );
+        }
+        drop(w);
+        let r1 = Disk::open(&spec(true)).unwrap();
+        let r2 = Disk::open(&spec(true)).unwrap();
+        let msg = Disk::open(&spec(false)).unwrap_err().to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "cannot open disk image {} writable:",
+                path.display()
+            )) && msg.contains("which has it open read-only"),
+            "{msg}"
+        );
+        drop((r1, r2));
+        Disk::open(&spec(false)).unwrap();
         std::fs::remove_file(&path).unwrap();
     }
 

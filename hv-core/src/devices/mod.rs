@@ -17,6 +17,7 @@ pub mod blkback;
 pub mod consback;
 pub mod disk;
 pub mod emublk;
+pub mod filelock;
 pub mod passthrough;
 pub mod uart;
 
@@ -325,12 +326,16 @@ impl Devices {
         self.console.start(self.weak())
     }
 
-    /// Stops every back-end (the domain is dying): threads are joined, connected rings
+    /// Stops every back-end (the domain is dying): threads are joined (a PV block
+    /// request in progress finishes), writable disk images `fdatasync`'d, connected rings
     /// released, pending console output written. Idempotent.
     pub fn stop(&self, dom: &DomainShared) {
-        for b in &self.backends {
-            if let Backend::PvBlock(blk) = b {
-                blk.stop(dom);
+        for (dev, b) in self.backends.iter().enumerate() {
+            match b {
+                Backend::PvBlock(blk) => blk.stop(dom),
+                // Its writes ran on the (now stopped) vCPU threads.
+                Backend::EmuBlock(e) => sync_disk(e.disk(), dev as u32),
+                _ => {}
             }
         }
         self.console.stop(dom);
@@ -450,6 +455,20 @@ impl Devices {
             .get(i as usize)
             .map(|b| (i, b))
             .ok_or(Errno::ENODEV)
+    }
+}
+
+/// Makes the completed writes to device `dev`'s image durable (`fdatasync`), unless it
+/// is read-only; a failure is logged (the domain is gone, nobody else can be told).
+fn sync_disk(disk: &Disk, dev: u32) {
+    if disk.readonly() {
+        return;
+    }
+    match disk.flush() {
+        Ok(()) => tracing::debug!(dev, image = %disk.path().display(), "disk image synced"),
+        Err(e) => {
+            tracing::error!(dev, image = %disk.path().display(), error = %e, "cannot sync a disk image")
+        }
     }
 }
 

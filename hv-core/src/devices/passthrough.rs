@@ -13,7 +13,8 @@
 //! - Assignment is exclusive: [`Regions`] (one per hypervisor, in its
 //!   [`crate::registry::Registry`]) refuses a region attached to a live domain
 //!   ([`PassthroughError::Busy`], naming the owner), and an exclusive `flock` on the
-//!   file refuses it to other processes. A region is released when it is detached
+//!   file refuses it to other processes ([`PassthroughError::Locked`], naming the
+//!   holder; see [`super::filelock`]). A region is released when it is detached
 //!   ([`detach`]) or its domain dies; it can then be assigned again.
 //! - When the host cannot back a region's page (the file's file system is full, or the
 //!   file was truncated under the domain), KVM fails the guest's access; the vCPU loop
@@ -32,6 +33,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use thiserror::Error;
 
+use super::filelock::{self, HolderText, LockKind};
 use crate::outcome::{BackingCause, HostMemory};
 
 /// Largest region.
@@ -85,10 +87,12 @@ pub enum PassthroughError {
         owner: u32,
     },
     /// Another process holds the region (its file is locked).
-    #[error("passthrough region {path} is in use by another process (the file is locked)")]
+    #[error("passthrough region {path} is in use by {holder}")]
     Locked {
         /// The region's file.
         path: PathBuf,
+        /// Who holds the file's lock, if it could be found.
+        holder: HolderText,
     },
     /// The same region appears twice in one configuration.
     #[error("passthrough region {path} is given to both {first} and {second}; a region belongs to one domain")]
@@ -274,14 +278,15 @@ impl Region {
                 size: spec.size,
             });
         }
-        // SAFETY: flock on the file's own descriptor; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                PassthroughError::Locked { path }
-            } else {
-                PassthroughError::Open { path, source: e }
-            });
+        match filelock::try_lock(&file, LockKind::Exclusive) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(PassthroughError::Locked {
+                    path,
+                    holder: HolderText(filelock::holder(&file, LockKind::Exclusive)),
+                })
+            }
+            Err(source) => return Err(PassthroughError::Open { path, source }),
         }
         let len = usize::try_from(spec.size).map_err(|_| PassthroughError::BadSize {
             path: path.clone(),
@@ -763,10 +768,15 @@ mod tests {
         }
         // Another hypervisor (or process) in the meantime: the file is locked.
         let other = Regions::new();
-        assert!(matches!(
-            other.assign(3, &spec(&p, 4096)),
-            Err(PassthroughError::Locked { .. })
-        ));
+        let e = other.assign(3, &spec(&p, 4096)).unwrap_err();
+        assert!(matches!(e, PassthroughError::Locked { .. }), "{e}");
+        assert!(
+            e.to_string().contains(&format!(
+                "is in use by process {} (this process), which has it open writable",
+                std::process::id()
+            )),
+            "{e}"
+        );
         drop(a);
         assert_eq!(regions.owner(&p), None);
         let b = regions.assign(2, &spec(&p, 4096)).unwrap();

@@ -7,6 +7,7 @@
 //! | `blk` | device table, dev_op refusals, connect, writes (1 and 11 segments, from a read-only grant), flush, read-back, every malformed request, notification rules, grant flags, disconnect, reconnect, a read-only second disk |
 //! | `blk-overflow` | a `req_prod` that claims 33 requests: the back-end closes the device (`-EINVAL`); reconnect; a `req_prod` behind `rsp_prod`: closed again; a port closed by the guest while connected |
 //! | `blk-flush` | a write, then waits for the host (`go` word); a flush, then waits again |
+//! | `blk-idle` | one write (data page salt 9, sectors 0-7), `idle_connect=`, `idle_write=`, then sleeps until the host stops the domain |
 //! | `pvcons` | PV console output (short, 3000 bytes through the 2048-byte ring, a broken `out_prod`), then echoes `echo=N` lines of input |
 //!
 //! Data pattern (the host test recomputes it): 64-bit word `w` of data page `p` with
@@ -686,6 +687,25 @@ pub fn flush(si: &StartInfo) -> ! {
     println!("flush={f} flush_done=1");
     wait_go(2);
     poweroff(0)
+}
+
+// ---------------------------------------------------------------------------------
+// blk-idle
+
+pub fn idle(si: &StartInfo) -> ! {
+    let gt = require(si);
+    let (Some(dev), _) = pv_block_devices(si) else {
+        println!("blk: no writable PV block device");
+        poweroff(2)
+    };
+    fill(si, D0, 9, 0);
+    grant(&gt, REF_D0, DOMID_HV, page(si, D0), true);
+    let mut a = new_front(si, RING_A);
+    grant(&gt, REF_RING_A, DOMID_HV, page(si, RING_A), false);
+    let rc = connect(dev, REF_RING_A, a.port);
+    let w = submit(&mut a, &request(BLKIF_OP_WRITE, 1, 0, &[seg(REF_D0, 0, 7)]));
+    println!("idle_connect={rc} idle_write={w}");
+    crate::idle()
 }
 
 // ---------------------------------------------------------------------------------

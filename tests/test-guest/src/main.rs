@@ -8,6 +8,7 @@
 //! | --- | --- |
 //! | `hello` | `test-guest: hello` |
 //! | `exit` | powers off with `code=N` (N > 99 is refused by hv: crash) |
+//! | `idle` | `idle: ready`, then sleeps in `SCHEDOP_BLOCK` until the host stops the domain |
 //! | `panic` | panics with `boom`: `panic: boom at <file>:<line>`, crash |
 //! | `triple-fault` | IDT limit 0, `ud2`: triple fault |
 //! | `bad-port` | `out 0x80, al`: hv crashes the domain |
@@ -16,11 +17,12 @@
 //! | `console-efault` | `efault_past_end=`, `efault_overflow=`, `efault_cross=`, `too_long=`, `zero_len=` |
 //! | `cpl3` | `cpl3_version=` (the version hypercall made from ring 3); `cpl3_version=gp` (after `fault=13`, crash) if the CPU faulted the ring-3 `out` |
 //! | `hypercalls` | `unknown_op=`, `version_bad_cmd=`, `sched_bad_cmd=`, `shutdown_bad_reason=`, `shutdown_bad_code=`, `yield=`, `version=0x..`, `features=0x..` |
+//! | `shutdown-codes` | `direct_<reason>_<code>=`, `mc_<reason>_<code>=`, `multicall_ok=`, `alive=1`: shutdowns with codes over 99, all refused (see `shutdown_codes.rs`) |
 //! | `cpuid` | `cpuid_sig=`, `cpuid_max_leaf=0x..`, `cpuid_version=0x..`, `cpuid_features=0x..`, `cpuid_port=0x..` |
 //! | `vcpus` | `vcpu1 arg=42` (from vCPU 1), `vcpu1_is_up=`, `vcpu_up_again=`, `vcpu_bad=`, `vcpus ok` |
 //! | `cmdline` | `cmdline=<the whole command line>` |
 //! | `emu-blk`, `emu-errors`, `uart`, `pt`, `pt-spin`, `pt-fill` | emulated devices and passthrough (see `emu.rs`) |
-//! | `blk`, `blk-overflow`, `blk-flush`, `pvcons` | PV block and PV console back-ends (see `blk.rs`) |
+//! | `blk`, `blk-overflow`, `blk-flush`, `blk-idle`, `pvcons` | PV block and PV console back-ends (see `blk.rs`) |
 //! | anything else | `unknown scenario`, exit code 3 |
 //!
 //! A scenario meant to end the domain from the host side that comes back prints
@@ -33,6 +35,7 @@ mod emu;
 mod evtchn;
 mod grant;
 mod mmu;
+mod shutdown_codes;
 
 use core::cell::UnsafeCell;
 use core::hint::spin_loop;
@@ -45,7 +48,7 @@ use guest_sdk::hv_abi::hypercall::{
     VERSION_FEATURES, VERSION_GET,
 };
 use guest_sdk::hv_abi::sched::{
-    SCHEDOP_SHUTDOWN, SCHEDOP_YIELD, SHUTDOWN_CRASH, SHUTDOWN_POWEROFF,
+    SCHEDOP_BLOCK, SCHEDOP_SHUTDOWN, SCHEDOP_YIELD, SHUTDOWN_CRASH, SHUTDOWN_POWEROFF,
 };
 use guest_sdk::hv_abi::start_info::StartInfo;
 use guest_sdk::hv_abi::{Op, PAGE_SIZE};
@@ -63,6 +66,10 @@ fn main(si: &'static StartInfo) -> ! {
             poweroff(0)
         }
         b"exit" => exit(cmd),
+        b"idle" => {
+            println!("idle: ready");
+            idle()
+        }
         b"panic" => panic!("boom"),
         b"triple-fault" => triple_fault(),
         b"bad-port" => bad_port(),
@@ -71,6 +78,7 @@ fn main(si: &'static StartInfo) -> ! {
         b"console-efault" => console_efault(si),
         b"cpl3" => cpl3(),
         b"hypercalls" => hypercalls(),
+        b"shutdown-codes" => shutdown_codes::run(),
         b"cpuid" => cpuid_leaves(),
         b"vcpus" => vcpus(si),
         b"evtchn-local" => evtchn::local(si),
@@ -92,6 +100,7 @@ fn main(si: &'static StartInfo) -> ! {
         b"blk" => blk::blk(si),
         b"blk-overflow" => blk::overflow(si),
         b"blk-flush" => blk::flush(si),
+        b"blk-idle" => blk::idle(si),
         b"pvcons" => blk::pvcons(si),
         b"emu-blk" => emu::emu_blk(si),
         b"emu-errors" => emu::emu_errors(si),
@@ -111,6 +120,14 @@ fn main(si: &'static StartInfo) -> ! {
             println!("unknown scenario");
             poweroff(3)
         }
+    }
+}
+
+/// Sleeps in `SCHEDOP_BLOCK` until the host stops the domain (the scenarios that use it
+/// unmask no event channel, so nothing sets `upcall_pending`; a return only loops).
+pub fn idle() -> ! {
+    loop {
+        let _ = no_pointer_call(Op::SchedOp, SCHEDOP_BLOCK, 0, 0);
     }
 }
 
