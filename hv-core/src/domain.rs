@@ -223,7 +223,10 @@ pub struct DomainShared {
     pub vcpu_cv: Condvar,
     /// The PV MMU: frame table of the page-table pool.
     pub mmu: Mutex<Mmu>,
-    /// The page-table root each vCPU was given (boot or `MMUEXT_NEW_BASEPTR`).
+    /// The page-table root each vCPU holds (SPEC 8.4, 8.5.4): the boot root for vCPU 0,
+    /// the context's `cr3` from `VCPUOP_INITIALISE` on for the others, then whatever
+    /// `MMUEXT_NEW_BASEPTR` loads. 0 (never a pool frame) for a vCPU that is down and
+    /// was never initialised: it holds no page table, so it keeps no table pinned.
     pub vcpu_cr3: Vec<AtomicU64>,
     /// Bumped whenever a table is unpinned, so vCPUs re-check their cached CR3.
     pub unpin_gen: AtomicU64,
@@ -712,7 +715,7 @@ impl Domain {
             vcpu_cv: Condvar::new(),
             mmu: Mutex::new(mmu),
             vcpu_cr3: (0..config.vcpus)
-                .map(|_| AtomicU64::new(bi.pt_base))
+                .map(|id| AtomicU64::new(if id == 0 { bi.pt_base } else { 0 }))
                 .collect(),
             unpin_gen: AtomicU64::new(0),
             outcome: Mutex::new(None),

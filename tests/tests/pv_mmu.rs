@@ -191,3 +191,39 @@ fn upper_level_change_with_another_vcpu_running() {
         "vCPU 1 was kicked out of the guest"
     );
 }
+
+#[test]
+fn only_the_roots_vcpus_hold_are_busy() {
+    if !kvm_available() {
+        return;
+    }
+    // SPEC 8.4 / 8.5.4: a vCPU that is down holds no page table (hv used to count the
+    // boot root as every vCPU's CR3, so a 2-vCPU guest could never unpin it); from
+    // VCPUOP_INITIALISE on, the context's root (a pinned L4) is the vCPU's CR3.
+    let run = tests::scenario_with(
+        "unpin-vcpus",
+        "",
+        hv_core::DomainConfig {
+            vcpus: 2,
+            ..hv_core::DomainConfig::default()
+        },
+    );
+    run.assert_poweroff(0);
+    let e = |x: Errno| x.to_ret();
+    for (key, want) in [
+        ("switch_a", 0),
+        ("unpin_boot_v1_down", 0),
+        ("init_unpinned", e(Errno::EINVAL)),
+        ("init_b", 0),
+        ("unpin_initialised", e(Errno::EBUSY)),
+        ("reinit_a", 0),
+        ("unpin_after_reinit", 0),
+        ("up", 0),
+        ("v1_started_on_a", 1),
+        ("v1_switch", 0),
+        ("unpin_other_vcpu", e(Errno::EBUSY)),
+        ("unpin_own", e(Errno::EBUSY)),
+    ] {
+        assert_eq!(run.int(key), want, "{key}; console:\n{}", run.console);
+    }
+}

@@ -93,6 +93,8 @@ pub fn mmuext_op(
     res
 }
 
+/// True if some vCPU holds `gpa` as its root (SPEC 8.4): its CR3 if it is up, its
+/// context's `cr3` if it is initialised. A vCPU still down holds none (its slot is 0).
 fn in_use_as_cr3(dom: &DomainShared, gpa: u64) -> bool {
     dom.vcpu_cr3
         .iter()

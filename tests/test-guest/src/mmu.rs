@@ -1,7 +1,9 @@
 //! Scenario `mmu`: every PV MMU rule through the real hypercall path. Prints one
 //! `key=<rc>` line per check (negative errno on refusal) and powers off with 0.
 
-use guest_sdk::hv_abi::hypercall::VERSION_GET;
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use guest_sdk::hv_abi::hypercall::{VcpuContext, VERSION_GET};
 use guest_sdk::hv_abi::mmu::{
     MmuUpdate, MmuextOp, MulticallEntry, PTE_A, PTE_ADDR_MASK, PTE_D, PTE_P, PTE_PS, PTE_W,
     UVMF_INVLPG,
@@ -190,4 +192,113 @@ pub fn cr3_bypass(si: &StartInfo) -> ! {
     unsafe { core::arch::asm!("mov cr3, {}", in(reg) copy, options(nostack)) };
     println!("bypassed");
     poweroff(1)
+}
+
+// ---------------------------------------------------------------------------------
+// unpin-vcpus: which page-table roots the other vCPUs hold (SPEC 8.4, 8.5.4).
+
+static V1_STACK: crate::Stack<16384> = crate::Stack::new();
+/// The root vCPU 1 switches to once it runs.
+static V1_TARGET: AtomicU64 = AtomicU64::new(0);
+/// vCPU 1's CR3 when it started, its `new_baseptr` result and a done flag.
+static V1_START_CR3: AtomicU64 = AtomicU64::new(0);
+static V1_SWITCH_RC: AtomicI64 = AtomicI64::new(1);
+static V1_DONE: AtomicBool = AtomicBool::new(false);
+
+/// vCPU 1: records the root it started on, switches to `V1_TARGET`, then sleeps.
+extern "C" fn v1_entry(_arg: u64) -> ! {
+    V1_START_CR3.store(
+        guest_sdk::arch::read_cr3() & PTE_ADDR_MASK,
+        Ordering::Release,
+    );
+    // SAFETY: the target maps the kernel exactly as the root vCPU 1 started on.
+    let r = unsafe { mmu::new_baseptr(V1_TARGET.load(Ordering::Acquire)) };
+    V1_SWITCH_RC.store(rc(r), Ordering::Release);
+    V1_DONE.store(true, Ordering::Release);
+    loop {
+        let _ = guest_sdk::sched::block();
+    }
+}
+
+/// A new L4 in a free pool frame with the same entries as `from`, pinned.
+fn copy_root(frames: &mut mmu::PtFrames, from: u64) -> u64 {
+    let Some(root) = frames.alloc() else {
+        println!("unpin-vcpus: pool exhausted");
+        guest_sdk::crash()
+    };
+    for i in 0..512 {
+        let e = read(from + i * 8);
+        if e & PTE_P != 0 && one(root + i * 8, e) != 0 {
+            println!("unpin-vcpus: copying the root failed");
+            guest_sdk::crash()
+        }
+    }
+    if mmu::pin_table(4, root).is_err() {
+        println!("unpin-vcpus: pinning a copy of the root failed");
+        guest_sdk::crash()
+    }
+    root
+}
+
+fn init_v1(cr3: u64) -> i64 {
+    let ctx = VcpuContext {
+        rip: v1_entry as *const () as u64,
+        rsp: V1_STACK.top() - 8,
+        cr3,
+        arg: 0,
+        reserved: [0; 4],
+    };
+    rc(guest_sdk::vcpu_initialise(1, &ctx))
+}
+
+/// Scenario `unpin-vcpus` (2 vCPUs): a vCPU that is down holds no page table; from
+/// `VCPUOP_INITIALISE` on, its context's root is its CR3 and cannot be unpinned.
+pub fn unpin_vcpus(si: &StartInfo) -> ! {
+    if si.nr_vcpus < 2 {
+        println!("unpin-vcpus: needs 2 vCPUs");
+        poweroff(3)
+    }
+    let boot = si.pt_base_gpa;
+    let mut frames = mmu::PtFrames::from_start_info(si);
+    let a = copy_root(&mut frames, boot);
+    // SAFETY: `a` maps exactly what the boot root maps.
+    println!("switch_a={}", rc(unsafe { mmu::new_baseptr(a) }));
+    // vCPU 1 is down: nothing but vCPU 0 could hold the boot root, and vCPU 0 left it.
+    // SAFETY: no vCPU uses the boot root any more.
+    println!(
+        "unpin_boot_v1_down={}",
+        rc(unsafe { mmu::unpin_table(boot) })
+    );
+    println!("init_unpinned={}", init_v1(boot));
+    let b = copy_root(&mut frames, a);
+    println!("init_b={}", init_v1(b));
+    // SAFETY: refused: b is the initialised vCPU 1's root.
+    println!("unpin_initialised={}", rc(unsafe { mmu::unpin_table(b) }));
+    println!("reinit_a={}", init_v1(a));
+    // SAFETY: b is nobody's root any more.
+    println!("unpin_after_reinit={}", rc(unsafe { mmu::unpin_table(b) }));
+    let c = copy_root(&mut frames, a);
+    V1_TARGET.store(c, Ordering::Release);
+    // SAFETY: vCPU 1 starts in `v1_entry` on its own stack, on root `a`, which maps the
+    // kernel; it touches only atomics and sleeps.
+    println!("up={}", rc(unsafe { guest_sdk::vcpu_up(1) }));
+    let mut tries: u32 = 0;
+    while !V1_DONE.load(Ordering::Acquire) {
+        tries += 1;
+        if tries > 2_000_000 {
+            println!("unpin-vcpus: timeout waiting for vcpu 1");
+            guest_sdk::crash()
+        }
+        let _ = guest_sdk::sched_yield();
+    }
+    println!(
+        "v1_started_on_a={}",
+        u8::from(V1_START_CR3.load(Ordering::Acquire) == a)
+    );
+    println!("v1_switch={}", V1_SWITCH_RC.load(Ordering::Acquire));
+    // SAFETY: refused: c is vCPU 1's CR3 now.
+    println!("unpin_other_vcpu={}", rc(unsafe { mmu::unpin_table(c) }));
+    // SAFETY: refused: a is still vCPU 0's CR3 (vCPU 1 left it).
+    println!("unpin_own={}", rc(unsafe { mmu::unpin_table(a) }));
+    poweroff(0)
 }
