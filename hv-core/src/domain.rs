@@ -569,10 +569,12 @@ impl Domain {
         let region_specs = DeviceSpec::regions(&config.devices);
         let region_sizes: Vec<u64> = region_specs.iter().map(|r| r.size).collect();
 
+        let ram_mapping = boot::RamMapping::for_kernel_minor(image.note.minor);
         let (pool_frames, _) = boot::pool_frames_for_regions(
             config.mem_bytes,
             config.pt_pool_extra_frames,
             &region_sizes,
+            ram_mapping,
         );
         let mem = DomainMemory::new(&config.name, config.mem_bytes, pool_frames)?;
         let first_free = image.load_into(&mem)?;
@@ -589,7 +591,7 @@ impl Domain {
             &console_sink,
             regions,
         )?;
-        let bi = boot::build_page_tables_with(&mem, &region_ranges)?;
+        let bi = boot::build_page_tables_with(&mem, &region_ranges, ram_mapping)?;
         let mut mmu = Mmu::new(Layout {
             phys_bits: crate::cpuid::phys_bits(&crate::cpuid::supported_cached(kvm)?),
             ram_frames: mem.ram_bytes() / hv_abi::PAGE_SIZE,

@@ -5,8 +5,8 @@ use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use guest_sdk::hv_abi::hypercall::{VcpuContext, VERSION_GET};
 use guest_sdk::hv_abi::mmu::{
-    MmuUpdate, MmuextOp, MulticallEntry, PTE_A, PTE_ADDR_MASK, PTE_D, PTE_P, PTE_PS, PTE_W,
-    UVMF_INVLPG,
+    MmuUpdate, MmuextOp, MulticallEntry, PTE_A, PTE_ADDR_MASK, PTE_D, PTE_LARGE_ADDR_MASK, PTE_P,
+    PTE_PS, PTE_W, UVMF_INVLPG,
 };
 use guest_sdk::hv_abi::start_info::StartInfo;
 use guest_sdk::hv_abi::{Op, PAGE_SIZE};
@@ -59,8 +59,12 @@ pub fn run(si: &StartInfo) -> ! {
         "stored_ad={}",
         u8::from(stored & (PTE_A | PTE_D) == PTE_A | PTE_D)
     );
-    // Frame g becomes an L2 with a huge page in it: pinning validates it and refuses.
-    println!("untyped_write2={}", one(g, ram | PTE_P | PTE_PS));
+    // Frame g becomes an L2 with a 2 MiB page that is not 2 MiB-aligned in it: pinning
+    // validates it and refuses.
+    println!(
+        "untyped_write2={}",
+        one(g, (ram & !0x1F_FFFF) | 0x2000 | PTE_P | PTE_PS)
+    );
     println!("huge_page={}", rc(mmu::pin_table(2, g)));
     println!("hv_slot={}", one(root + 256 * 8, g | PTE_P));
     // f is an L1; the root wants an L3 there.
@@ -300,5 +304,117 @@ pub fn unpin_vcpus(si: &StartInfo) -> ! {
     println!("unpin_other_vcpu={}", rc(unsafe { mmu::unpin_table(c) }));
     // SAFETY: refused: a is still vCPU 0's CR3 (vCPU 1 left it).
     println!("unpin_own={}", rc(unsafe { mmu::unpin_table(a) }));
+    poweroff(0)
+}
+
+// ---------------------------------------------------------------------------------
+// big-ram: 2 MiB pages in the boot tables and through the validator (ABI 1.3).
+
+/// The entry that maps `va` under `root`: its address, value and level (1: 4 KiB page,
+/// 2: 2 MiB page); level 0 if `va` is not mapped.
+fn walk(root: u64, va: u64) -> (u64, u64, u8) {
+    let mut table = root;
+    for (shift, level) in [(39u32, 4u8), (30, 3), (21, 2), (12, 1)] {
+        let at = table + ((va >> shift) & 511) * 8;
+        let e = read(at);
+        if e & PTE_P == 0 {
+            return (at, e, 0);
+        }
+        if level == 1 || (level == 2 && e & PTE_PS != 0) {
+            return (at, e, level);
+        }
+        table = e & PTE_ADDR_MASK;
+    }
+    (0, 0, 0)
+}
+
+fn poke(va: u64, v: u64) {
+    // SAFETY: `va` is free RAM of this scenario, identity-mapped and writable.
+    unsafe { core::ptr::write_volatile(va as *mut u64, v) }
+}
+
+/// Scenario `big-ram` (RAM above 4 GiB, not a multiple of 2 MiB): the boot tables map
+/// RAM above 4 GiB with 2 MiB pages and a last partial 2 MiB with 4 KiB pages
+/// (SPEC 4.5); 2 MiB pages go through the validator like any entry (SPEC 8.5.2).
+pub fn big_ram(si: &StartInfo) -> ! {
+    const MIB2: u64 = 2 << 20;
+    let root = si.pt_base_gpa;
+    let ram_end = si.nr_pages * PAGE_SIZE;
+    if ram_end <= (6 << 30) + MIB2 || ram_end % MIB2 == 0 {
+        println!("big-ram: needs more than 6 GiB of RAM, not a multiple of 2 MiB");
+        poweroff(3)
+    }
+    let (l2_6g, e6, lvl6) = walk(root, 6 << 30);
+    println!("boot_6g_level={lvl6}");
+    println!("boot_6g_entry={e6:#x}");
+    let (_, e4, lvl4) = walk(root, (4 << 30) - PAGE_SIZE);
+    println!("boot_below_4g_level={lvl4}");
+    println!("boot_below_4g_entry={e4:#x}");
+    let last = ram_end - PAGE_SIZE;
+    let (_, elast, lvl_last) = walk(root, last);
+    println!("boot_last_level={lvl_last}");
+    println!("boot_last_entry={elast:#x}");
+    // Memory through the 2 MiB pages and the last 4 KiB page.
+    let spots = [
+        (6 << 30) + 0x12_3450,
+        (ram_end & !(MIB2 - 1)) - 8,
+        ram_end - 8,
+    ];
+    for (i, va) in spots.iter().enumerate() {
+        poke(*va, 0x5A5A_0000 + i as u64);
+    }
+    let rw = spots
+        .iter()
+        .enumerate()
+        .all(|(i, va)| read(*va) == 0x5A5A_0000 + i as u64);
+    println!("high_rw={}", u8::from(rw));
+    // No L1 entry under a 2 MiB page; the last page has one.
+    // SAFETY: refused before anything changes.
+    println!(
+        "uva_large={}",
+        rc(unsafe { mmu::update_va_mapping(6 << 30, 0, 0) })
+    );
+    // SAFETY: the page keeps its mapping.
+    println!(
+        "uva_last={}",
+        rc(unsafe { mmu::update_va_mapping(last, elast, UVMF_INVLPG) })
+    );
+    // Remap virtual 6 GiB to the 2 MiB of RAM at 4 GiB (an upper-level change, made
+    // visible by the hypervisor), read through it, and map it back.
+    poke((4 << 30) + 0x100, 0x4444);
+    poke((6 << 30) + 0x100, 0x6666);
+    println!(
+        "remap_large={}",
+        one(l2_6g, (e6 & !PTE_LARGE_ADDR_MASK) | (4 << 30))
+    );
+    println!("remapped_read={:#x}", read((6 << 30) + 0x100));
+    println!("remap_back={}", one(l2_6g, e6));
+    println!("back_read={:#x}", read((6 << 30) + 0x100));
+    // The validator: a new L2 with 2 MiB pages, pinned.
+    let mut frames = mmu::PtFrames::from_start_info(si);
+    let (Some(f), Some(g)) = (frames.alloc(), frames.alloc()) else {
+        println!("big-ram: pool exhausted");
+        guest_sdk::crash()
+    };
+    one(f, (6 << 30) | PTE_P | PTE_W | PTE_PS);
+    one(f + 8, (ram_end & !(MIB2 - 1)) | PTE_P | PTE_PS);
+    println!("pin_past_ram_end={}", rc(mmu::pin_table(2, f)));
+    one(f + 8, 0);
+    println!("pin_large={}", rc(mmu::pin_table(2, f)));
+    // Into the pinned table: validated, stored with A and D.
+    println!(
+        "update_large={}",
+        one(f + 24, (4 << 30) | PTE_P | PTE_W | PTE_PS)
+    );
+    println!(
+        "large_stored_ad={}",
+        u8::from(read(f + 24) & (PTE_A | PTE_D) == PTE_A | PTE_D)
+    );
+    println!(
+        "update_misaligned={}",
+        one(f + 16, (4 << 30) | 0x4000 | PTE_P | PTE_PS)
+    );
+    one(g, (4 << 30) | PTE_P | PTE_PS);
+    println!("pin_l3_large={}", rc(mmu::pin_table(3, g)));
     poweroff(0)
 }
