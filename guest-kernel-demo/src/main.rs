@@ -1,5 +1,6 @@
 //! hv demo kernel: boots through the SDK, prints what the hypervisor told it, shows
-//! the PV MMU (its own address space, a ring-3 task, a remap), and powers off.
+//! the PV MMU (its own address space, a ring-3 task, a remap), starts its other vCPUs
+//! on that address space ([`smp`]), and powers off.
 //!
 //! Command line (space-separated words):
 //! * `exit=N`: power off with exit code `N` (0 to 99; anything else is reported and
@@ -24,6 +25,7 @@ mod devices;
 mod pingpong;
 mod pv_mmu;
 mod ring3;
+mod smp;
 
 use guest_sdk::hv_abi::start_info::StartInfo;
 use guest_sdk::{cmdline, println, Features, ABI_MAJOR, ABI_MINOR};
@@ -112,8 +114,12 @@ fn main(si: &'static StartInfo) -> ! {
         printable(cmd)
     );
 
-    if let Err(what) = pv_mmu::show(si) {
-        panic!("demo: PV MMU part failed: {what}");
+    let space = match pv_mmu::show(si) {
+        Ok(space) => space,
+        Err(what) => panic!("demo: PV MMU part failed: {what}"),
+    };
+    if let Err(what) = smp::run(si, &space) {
+        panic!("demo: SMP part failed: {what}");
     }
 
     if cmdline::has_flag(cmd, b"panic") {

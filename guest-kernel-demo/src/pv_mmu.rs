@@ -13,9 +13,10 @@ use guest_sdk::{mmu, println};
 
 /// Kernel memory stays identity-mapped (supervisor-only) up to here.
 const IDENTITY_END: u64 = 4 << 20;
-/// The heap's virtual address and size.
-const HEAP_VA: u64 = 0x2000_0000;
+/// The heap's virtual address and size (at least one page per vCPU: [`crate::smp`]).
+pub const HEAP_VA: u64 = 0x2000_0000;
 const HEAP_PAGES: u64 = 64;
+const _: () = assert!(HEAP_PAGES as usize >= guest_sdk::hv_abi::shared_info::MAX_VCPUS);
 /// The ring-3 task's pages: code, data (read), result (written), stack.
 const USER_BASE: u64 = 0x4000_0000;
 const USER_DATA: u64 = USER_BASE + 0x1000;
@@ -25,7 +26,7 @@ const USER_STACK_TOP: u64 = USER_BASE + 0x4000;
 const MAX_BATCH: usize = 2048;
 
 struct Global<T>(UnsafeCell<T>);
-// SAFETY: the demo runs on vCPU 0 only.
+// SAFETY: only vCPU 0 uses these (the other vCPUs run [`crate::smp`], which does not).
 unsafe impl<T> Sync for Global<T> {}
 
 static REQS: Global<[MmuUpdate; MAX_BATCH]> =
@@ -66,7 +67,7 @@ struct Builder<'a> {
     n: usize,
     frames: mmu::PtFrames,
     root: u64,
-    cache: [(u8, u64, u64); 16],
+    cache: [(u8, u64, u64); 32],
     cached: usize,
     entries: usize,
     batches: usize,
@@ -140,8 +141,22 @@ fn write(pa: u64, v: u64) {
     unsafe { core::ptr::write_volatile(pa as *mut u64, v) }
 }
 
-/// Runs the demo; returns a description of what failed, if anything did.
-pub fn show(si: &StartInfo) -> Result<(), &'static str> {
+/// The word the heap check leaves at the start of heap page `i`.
+pub fn heap_word(i: u64) -> u64 {
+    0x4845_4150_0000 + i
+}
+
+/// The address space the demo built and runs on.
+pub struct AddressSpace {
+    /// Its root (a pinned L4).
+    pub root: u64,
+    /// Guest-physical address of the heap's first page (mapped at [`HEAP_VA`]).
+    pub heap: u64,
+}
+
+/// Runs the demo; returns the address space it switched to, or a description of what
+/// failed.
+pub fn show(si: &StartInfo) -> Result<AddressSpace, &'static str> {
     let pool_end = si.pt_pool_gpa + si.pt_pool_frames * PAGE_SIZE;
     let mut next_ram = (si.first_free_gpa + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
     let mut ram = || {
@@ -166,7 +181,7 @@ pub fn show(si: &StartInfo) -> Result<(), &'static str> {
         n: 0,
         frames: mmu::PtFrames::from_start_info(si),
         root: 0,
-        cache: [(0, 0, 0); 16],
+        cache: [(0, 0, 0); 32],
         cached: 0,
         entries: 0,
         batches: 0,
@@ -195,7 +210,8 @@ pub fn show(si: &StartInfo) -> Result<(), &'static str> {
     mmu::pin_table(4, b.root).map_err(|_| "pinning the new root failed validation")?;
     // SAFETY: the new tables map the kernel exactly as the boot tables did.
     unsafe { mmu::new_baseptr(b.root) }.map_err(|_| "new_baseptr refused")?;
-    // SAFETY: nothing uses the boot tables any more.
+    // SAFETY: nothing uses the boot tables any more: vCPU 0 left them, and the other
+    // vCPUs are down, so they hold no root (SPEC 8.4).
     unsafe { mmu::unpin_table(si.pt_base_gpa) }.map_err(|_| "unpinning the boot tables failed")?;
     println!(
         "  pv mmu: built an address space of {} entries ({} page tables) in {} mmu_update batch(es), \
@@ -205,9 +221,9 @@ pub fn show(si: &StartInfo) -> Result<(), &'static str> {
 
     // The heap works through its new virtual address.
     for i in 0..HEAP_PAGES {
-        write(HEAP_VA + i * PAGE_SIZE, 0x4845_4150_0000 + i);
+        write(HEAP_VA + i * PAGE_SIZE, heap_word(i));
     }
-    let ok = (0..HEAP_PAGES).all(|i| read(heap + i * PAGE_SIZE) == 0x4845_4150_0000 + i);
+    let ok = (0..HEAP_PAGES).all(|i| read(heap + i * PAGE_SIZE) == heap_word(i));
     println!(
         "  pv mmu: heap of {HEAP_PAGES} pages at {HEAP_VA:#x}: {}",
         if ok { "ok" } else { "WRONG" }
@@ -246,5 +262,5 @@ pub fn show(si: &StartInfo) -> Result<(), &'static str> {
     if first != 0x1111_1111_1111_1111 || second != 0x2222_2222_2222_2222 || exit.vector != 14 {
         return Err("the ring-3 task saw the wrong memory");
     }
-    Ok(())
+    Ok(AddressSpace { root: b.root, heap })
 }

@@ -56,6 +56,13 @@ pub const BOOT_STACK_TOP: u64 = 0x8_0000;
 pub const KERNEL_MIN_GPA: u64 = 0x10_0000;
 /// The page-table pool starts at RAM size rounded up to this alignment.
 pub const PT_POOL_ALIGN: u64 = 2 << 20;
+/// The boot page tables of a kernel built for ABI 1.3 or later map RAM below this
+/// address with 4 KiB pages and RAM above it with 2 MiB pages (SPEC 4.5); those of an
+/// older kernel map all RAM with 4 KiB pages.
+pub const BOOT_SMALL_PAGES_END: u64 = 4 << 30;
+/// The first ABI minor version whose kernels get 2 MiB pages above
+/// [`BOOT_SMALL_PAGES_END`] in their boot tables (from the ELF note's `minor`).
+pub const BOOT_LARGE_PAGES_MINOR: u16 = 3;
 
 /// Boot GDT selector: 64-bit kernel code (DPL 0).
 pub const SEL_KERNEL_CODE: u16 = 0x08;

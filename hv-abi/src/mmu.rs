@@ -90,8 +90,16 @@ pub const PTE_PCD: u64 = 1 << 4;
 pub const PTE_A: u64 = 1 << 5;
 /// Page-table entry bit: dirty.
 pub const PTE_D: u64 = 1 << 6;
-/// Page-table entry bit: page size (huge page) in L2/L3, PAT in L1.
+/// Page-table entry bit: page size (a 2 MiB page in an L2 entry, ABI 1.3; refused in
+/// L3 and L4 entries), PAT in L1.
 pub const PTE_PS: u64 = 1 << 7;
+/// Page-table entry bit: PAT in an L2 entry with [`PTE_PS`] (a 2 MiB page).
+pub const PTE_PAT_LARGE: u64 = 1 << 12;
+/// Size of the page an L2 entry with [`PTE_PS`] maps (ABI 1.3).
+pub const LARGE_PAGE_SIZE: u64 = 2 << 20;
+/// Mask of the frame address in an L2 entry with [`PTE_PS`] (bits 21-51); bits 13-20
+/// are reserved.
+pub const PTE_LARGE_ADDR_MASK: u64 = 0x000F_FFFF_FFE0_0000;
 /// Page-table entry bit: global.
 pub const PTE_G: u64 = 1 << 8;
 /// Page-table entry bit: no-execute.

@@ -4,7 +4,7 @@
 pub const ABI_MAJOR: u16 = 1;
 
 /// Minor version of the ABI. Backwards-compatible additions bump it.
-pub const ABI_MINOR: u16 = 2;
+pub const ABI_MINOR: u16 = 3;
 
 /// The version as returned by `version(VERSION_GET)`: `major << 16 | minor`.
 pub const fn packed_version(major: u16, minor: u16) -> u32 {

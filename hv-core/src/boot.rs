@@ -1,11 +1,14 @@
 //! The boot environment: initial page tables, GDT and TSS, start_info, CPU state.
 //!
-//! See SPEC.md ("Boot state"). The host builds a flat identity map with 4 KiB pages in
-//! the page-table pool; entries carry Accessed (and Dirty on writable leaves) already,
-//! so that a CPU walking tables in a read-only memslot never needs to write them.
+//! See SPEC.md ("Boot state"). The host builds a flat identity map in the page-table
+//! pool: 4 KiB pages, except RAM above [`layout::BOOT_SMALL_PAGES_END`], which kernels
+//! built for ABI 1.3 or later get in 2 MiB pages ([`RamMapping`]), so that the boot
+//! tables of a big domain take a few MiB instead of 2 MiB per GiB of RAM. Entries carry
+//! Accessed (and Dirty on writable leaves) already, so that a CPU walking tables in a
+//! read-only memslot never needs to write them.
 
 use hv_abi::layout::{self, GDT_ENTRIES};
-use hv_abi::mmu::{PTE_A, PTE_D, PTE_P, PTE_U, PTE_W};
+use hv_abi::mmu::{LARGE_PAGE_SIZE, PTE_A, PTE_D, PTE_P, PTE_PS, PTE_U, PTE_W};
 use hv_abi::start_info::{StartInfo, CMDLINE_MAX, START_INFO_MAGIC};
 use hv_abi::{Features, ABI_MAJOR, ABI_MINOR, PAGE_SIZE};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -52,32 +55,83 @@ pub enum BootError {
     Memory(#[from] MemoryError),
 }
 
+/// How the boot tables map RAM (SPEC 4.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RamMapping {
+    /// All RAM with 4 KiB pages: the boot state of ABI 1.0 to 1.2, kept for kernels
+    /// whose ELF note asks for one of those versions.
+    Small,
+    /// 4 KiB pages below [`layout::BOOT_SMALL_PAGES_END`]; above it, 2 MiB pages for
+    /// every whole 2 MiB of RAM and 4 KiB pages for a last partial one (ABI 1.3 on).
+    Large,
+}
+
+impl RamMapping {
+    /// The mapping for a kernel whose ELF note asks for ABI minor `minor`.
+    pub fn for_kernel_minor(minor: u16) -> RamMapping {
+        if minor >= layout::BOOT_LARGE_PAGES_MINOR {
+            RamMapping::Large
+        } else {
+            RamMapping::Small
+        }
+    }
+
+    /// RAM mapped with 2 MiB pages, `[start, end)` (empty if none).
+    pub fn large_range(self, ram_bytes: u64) -> (u64, u64) {
+        let start = layout::BOOT_SMALL_PAGES_END;
+        match self {
+            RamMapping::Large if ram_bytes > start => (
+                start,
+                start + (ram_bytes - start) / LARGE_PAGE_SIZE * LARGE_PAGE_SIZE,
+            ),
+            _ => (0, 0),
+        }
+    }
+}
+
 /// Page-table frames needed to identity-map RAM of `ram_bytes` and a pool of
 /// `pool_frames` frames placed after it, plus the (empty) L1 tables that cover the
 /// grant window after the pool.
 pub fn boot_pt_frames(ram_bytes: u64, pool_frames: u64) -> u64 {
-    boot_pt_frames_with(ram_bytes, pool_frames, &[])
+    boot_pt_frames_with(ram_bytes, pool_frames, &[], RamMapping::Large)
 }
 
 /// [`boot_pt_frames`] with passthrough regions of `region_sizes` bytes mapped too (at
-/// [`crate::devices::passthrough::region_gpas`]).
-pub fn boot_pt_frames_with(ram_bytes: u64, pool_frames: u64, region_sizes: &[u64]) -> u64 {
+/// [`crate::devices::passthrough::region_gpas`]), and RAM mapped as `mapping` says.
+pub fn boot_pt_frames_with(
+    ram_bytes: u64,
+    pool_frames: u64,
+    region_sizes: &[u64],
+    mapping: RamMapping,
+) -> u64 {
     let pool = pool_gpa_for(ram_bytes);
     let pool_end = pool + pool_frames * PAGE_SIZE;
     let window = crate::grant::window_gpa_for(pool_end);
-    let mut ranges = vec![
-        (0, ram_bytes),
-        (pool, pool_end),
-        (window, window + crate::grant::WINDOW_BYTES),
-    ];
+    let (large, large_end) = mapping.large_range(ram_bytes);
+    // (start, end, mapped with 2 MiB pages: needs no L1 tables), in ascending order.
+    let mut ranges = if large < large_end {
+        vec![
+            (0, large, false),
+            (large, large_end, true),
+            (large_end, ram_bytes, false),
+        ]
+    } else {
+        vec![(0, ram_bytes, false)]
+    };
+    ranges.push((pool, pool_end, false));
+    ranges.push((window, window + crate::grant::WINDOW_BYTES, false));
     let gpas = crate::devices::passthrough::region_gpas(pool_end, region_sizes);
-    ranges.extend(gpas.iter().zip(region_sizes).map(|(g, s)| (*g, g + s)));
+    ranges.extend(
+        gpas.iter()
+            .zip(region_sizes)
+            .map(|(g, s)| (*g, g + s, false)),
+    );
     let mut total = 0;
     // Tables at level n cover 4 KiB << (9 * n) bytes each (L1: 2 MiB, L2: 1 GiB, ...).
     for shift in [21u32, 30, 39] {
         let mut last: Option<u64> = None;
-        for &(start, end) in &ranges {
-            if end <= start {
+        for &(start, end, in_large_pages) in &ranges {
+            if end <= start || (shift == 21 && in_large_pages) {
                 continue;
             }
             let first = start >> shift;
@@ -95,15 +149,21 @@ pub fn boot_pt_frames_with(ram_bytes: u64, pool_frames: u64, region_sizes: &[u64
 
 /// Sizes the pool: boot tables plus `extra` frames for the guest.
 pub fn pool_frames_for(ram_bytes: u64, extra: u64) -> (u64, u64) {
-    pool_frames_for_regions(ram_bytes, extra, &[])
+    pool_frames_for_regions(ram_bytes, extra, &[], RamMapping::Large)
 }
 
-/// [`pool_frames_for`] for a domain with passthrough regions of `region_sizes` bytes.
-pub fn pool_frames_for_regions(ram_bytes: u64, extra: u64, region_sizes: &[u64]) -> (u64, u64) {
+/// [`pool_frames_for`] for a domain with passthrough regions of `region_sizes` bytes
+/// and RAM mapped as `mapping` says.
+pub fn pool_frames_for_regions(
+    ram_bytes: u64,
+    extra: u64,
+    region_sizes: &[u64],
+    mapping: RamMapping,
+) -> (u64, u64) {
     let mut boot = 1;
     loop {
         let pool = boot + extra;
-        let need = boot_pt_frames_with(ram_bytes, pool, region_sizes);
+        let need = boot_pt_frames_with(ram_bytes, pool, region_sizes, mapping);
         if need == boot {
             return (pool, boot);
         }
@@ -153,6 +213,18 @@ impl PtBuilder {
         }
     }
 
+    /// Identity-maps `[start, end)` (2 MiB-aligned) with 2 MiB pages: L2 entries with
+    /// PS and leaf flags `flags`.
+    fn map_large(&mut self, start: u64, end: u64, flags: u64) {
+        let mut va = start;
+        while va < end {
+            let l3 = self.child(0, ((va >> 39) & 511) as usize);
+            let l2 = self.child(l3, ((va >> 30) & 511) as usize);
+            self.frames[l2][((va >> 21) & 511) as usize] = va | flags | PTE_PS;
+            va += LARGE_PAGE_SIZE;
+        }
+    }
+
     /// Identity-maps `[start, end)` (page-aligned) with leaf flags `flags`.
     fn map(&mut self, start: u64, end: u64, flags: u64) {
         let mut va = start;
@@ -182,22 +254,28 @@ pub struct BootInfo {
 
 /// Writes the boot page tables into the pool.
 pub fn build_page_tables(mem: &DomainMemory) -> Result<BootInfo, BootError> {
-    build_page_tables_with(mem, &[])
+    build_page_tables_with(mem, &[], RamMapping::Large)
 }
 
 /// [`build_page_tables`] that also identity-maps passthrough regions, given as
-/// (guest-physical address, bytes), writable and user-accessible like RAM.
+/// (guest-physical address, bytes), writable and user-accessible like RAM, and maps
+/// RAM as `mapping` says.
 pub fn build_page_tables_with(
     mem: &DomainMemory,
     regions: &[(u64, u64)],
+    mapping: RamMapping,
 ) -> Result<BootInfo, BootError> {
     let pool = mem.pool_gpa();
     let mut b = PtBuilder::new(pool);
-    b.map(
-        PAGE_SIZE,
-        mem.ram_bytes(),
-        PTE_P | PTE_W | PTE_U | PTE_A | PTE_D,
-    );
+    let ram = PTE_P | PTE_W | PTE_U | PTE_A | PTE_D;
+    let (large, large_end) = mapping.large_range(mem.ram_bytes());
+    if large < large_end {
+        b.map(PAGE_SIZE, large, ram);
+        b.map_large(large, large_end, ram);
+        b.map(large_end, mem.ram_bytes(), ram);
+    } else {
+        b.map(PAGE_SIZE, mem.ram_bytes(), ram);
+    }
     b.map(pool, mem.pool_end(), PTE_P | PTE_U | PTE_A);
     let window = crate::grant::window_gpa_for(mem.pool_end());
     b.cover(window, window + crate::grant::WINDOW_BYTES);
@@ -211,13 +289,18 @@ pub fn build_page_tables_with(
             have: mem.pool_frames(),
         });
     }
-    let mut bytes = Vec::with_capacity(b.frames.len() * PAGE_SIZE as usize);
-    for f in &b.frames {
-        for e in f {
-            bytes.extend_from_slice(&e.to_le_bytes());
+    // Frame by frame, with no second copy of the tables; the pool starts zeroed, so
+    // empty tables (those of the grant window) need no write.
+    let mut bytes = [0u8; PAGE_SIZE as usize];
+    for (i, f) in b.frames.iter().enumerate() {
+        if f.iter().all(|e| *e == 0) {
+            continue;
         }
+        for (chunk, e) in bytes.chunks_exact_mut(8).zip(f) {
+            chunk.copy_from_slice(&e.to_le_bytes());
+        }
+        mem.write_any(b.gpa_of(i), &bytes)?;
     }
-    mem.write_any(pool, &bytes)?;
     Ok(BootInfo {
         pt_base: pool,
         nr_pt_frames: need,
@@ -431,37 +514,155 @@ pub fn boot_regs(rip: u64, rsp: u64, rdi: u64) -> kvm_regs {
 mod tests {
     use super::*;
 
+    const GIB: u64 = 1 << 30;
+
     #[test]
     fn frame_count_matches_builder() {
-        for (ram, extra) in [
-            (2u64 << 20, 0u64),
-            (64 << 20, 256),
-            (3 << 20, 1),
-            (1 << 30, 512),
-            ((1 << 30) + 4096, 7),
-        ] {
-            let (pool, boot) = pool_frames_for(ram, extra);
-            let mut b = PtBuilder::new(pool_gpa_for(ram));
-            b.map(PAGE_SIZE, ram, PTE_P);
-            let pg = pool_gpa_for(ram);
-            b.map(pg, pg + pool * PAGE_SIZE, PTE_P);
-            let w = crate::grant::window_gpa_for(pg + pool * PAGE_SIZE);
-            assert_eq!(w % layout::GRANT_WINDOW_ALIGN, 0);
-            b.cover(w, w + crate::grant::WINDOW_BYTES);
-            assert_eq!(b.frames.len() as u64, boot, "ram {ram:#x} extra {extra}");
-            assert_eq!(pool, boot + extra);
+        for mapping in [RamMapping::Small, RamMapping::Large] {
+            for (ram, extra) in [
+                (2u64 << 20, 0u64),
+                (64 << 20, 256),
+                (3 << 20, 1),
+                (GIB, 512),
+                (GIB + 4096, 7),
+                (4 * GIB, 3),
+                (4 * GIB + 4096, 3),
+                (4 * GIB + (2 << 20), 3),
+                (8 * GIB + (1 << 20), 256),
+                (64 * GIB, 256),
+                (256 * GIB, 256),
+            ] {
+                let (pool, boot) = pool_frames_for_regions(ram, extra, &[], mapping);
+                let mut b = PtBuilder::new(pool_gpa_for(ram));
+                let (large, large_end) = mapping.large_range(ram);
+                if large < large_end {
+                    b.map(PAGE_SIZE, large, PTE_P);
+                    b.map_large(large, large_end, PTE_P);
+                    b.map(large_end, ram, PTE_P);
+                } else {
+                    b.map(PAGE_SIZE, ram, PTE_P);
+                }
+                let pg = pool_gpa_for(ram);
+                b.map(pg, pg + pool * PAGE_SIZE, PTE_P);
+                let w = crate::grant::window_gpa_for(pg + pool * PAGE_SIZE);
+                assert_eq!(w % layout::GRANT_WINDOW_ALIGN, 0);
+                b.cover(w, w + crate::grant::WINDOW_BYTES);
+                assert_eq!(
+                    b.frames.len() as u64,
+                    boot,
+                    "{mapping:?} ram {ram:#x} extra {extra}"
+                );
+                assert_eq!(pool, boot + extra);
+            }
         }
+    }
+
+    /// The entry that maps `va` under `root` and its level (1: 4 KiB page, 2: 2 MiB
+    /// page), or `None` if `va` is not mapped.
+    fn leaf(mem: &DomainMemory, root: u64, va: u64) -> Option<(u64, u8)> {
+        let mut table = root;
+        for (shift, level) in [(39u32, 4u8), (30, 3), (21, 2), (12, 1)] {
+            let mut e = [0u8; 8];
+            mem.guest_memory_read(table + ((va >> shift) & 511) * 8, &mut e)
+                .unwrap();
+            let e = u64::from_le_bytes(e);
+            if e & PTE_P == 0 {
+                return None;
+            }
+            if level == 1 || (level == 2 && e & PTE_PS != 0) {
+                return Some((e, level));
+            }
+            assert_eq!(
+                e & 0xFFF,
+                PTE_P | PTE_W | PTE_U | PTE_A,
+                "table entry {e:#x}"
+            );
+            table = e & hv_abi::mmu::PTE_ADDR_MASK;
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn big_ram_is_mapped_with_2mib_pages_above_4gib() {
+        let rw = PTE_P | PTE_W | PTE_U | PTE_A | PTE_D;
+        for (ram, mapping) in [
+            (8 * GIB + (1 << 20), RamMapping::Large),
+            (8 * GIB + (1 << 20), RamMapping::Small),
+            (4 * GIB, RamMapping::Large),
+            (256 * GIB, RamMapping::Large),
+        ] {
+            let (pool, boot) = pool_frames_for_regions(ram, 16, &[], mapping);
+            let mem = DomainMemory::new("t", ram, pool).unwrap();
+            let bi = build_page_tables_with(&mem, &[], mapping).unwrap();
+            assert_eq!(bi.nr_pt_frames, boot);
+            let big = mapping == RamMapping::Large && ram > 4 * GIB;
+            let small = |va: u64| Some((va | rw, 1));
+            assert_eq!(leaf(&mem, bi.pt_base, 0), None, "page 0");
+            for va in [
+                PAGE_SIZE,
+                0x10_0000,
+                3 * GIB + 0x1234_5000,
+                4 * GIB - PAGE_SIZE,
+            ] {
+                assert_eq!(leaf(&mem, bi.pt_base, va), small(va), "{ram:#x} {va:#x}");
+            }
+            // Whole 2 MiB of RAM above 4 GiB: one L2 entry each (Large); a last partial
+            // 2 MiB, and everything for Small, in 4 KiB pages.
+            let mut va = 4 * GIB;
+            while va + (2 << 20) <= ram {
+                for off in [0, 0x1F_F000] {
+                    let want = if big {
+                        Some((va | rw | PTE_PS, 2))
+                    } else {
+                        small(va + off)
+                    };
+                    assert_eq!(leaf(&mem, bi.pt_base, va + off), want, "{ram:#x} {va:#x}");
+                }
+                va += if big { 2 << 20 } else { 61 << 20 };
+            }
+            if ram % (2 << 20) != 0 {
+                for va in [ram / (2 << 20) * (2 << 20), ram - PAGE_SIZE] {
+                    assert_eq!(leaf(&mem, bi.pt_base, va), small(va), "tail {va:#x}");
+                }
+            }
+            if mem.pool_gpa() > ram {
+                assert_eq!(
+                    leaf(&mem, bi.pt_base, ram),
+                    None,
+                    "{ram:#x}: gap before the pool"
+                );
+            }
+            // The pool: read-only 4 KiB pages.
+            let last = mem.pool_end() - PAGE_SIZE;
+            assert_eq!(
+                leaf(&mem, bi.pt_base, last),
+                Some((last | PTE_P | PTE_U | PTE_A, 1))
+            );
+            // The validator accepts the tables as built.
+            let mut mmu = crate::mmu::Mmu::new(crate::mmu::Layout {
+                phys_bits: 46,
+                ram_frames: ram / PAGE_SIZE,
+                pool_base: mem.pool_gpa(),
+                pool_frames: mem.pool_frames(),
+            });
+            mmu.pin(&mut crate::memory::PoolAccess(&mem), 4, bi.pt_base)
+                .unwrap();
+        }
+        // 256 GiB: a few thousand frames, not the 131,591 of 4 KiB pages throughout.
+        let (_, large) = pool_frames_for_regions(256 * GIB, 256, &[], RamMapping::Large);
+        let (_, small) = pool_frames_for_regions(256 * GIB, 256, &[], RamMapping::Small);
+        assert!(large < 2400 && small > 131_000, "{large} {small}");
     }
 
     #[test]
     fn frame_count_with_regions_matches_builder() {
         let ram = 64 << 20;
         for sizes in [vec![4096u64], vec![2 << 20, 4096, 5 << 20], vec![1 << 30]] {
-            let (pool, boot) = pool_frames_for_regions(ram, 16, &sizes);
+            let (pool, boot) = pool_frames_for_regions(ram, 16, &sizes, RamMapping::Large);
             let mem = DomainMemory::new("t", ram, pool).unwrap();
             let gpas = crate::devices::passthrough::region_gpas(mem.pool_end(), &sizes);
             let regions: Vec<(u64, u64)> = gpas.into_iter().zip(sizes.clone()).collect();
-            let bi = build_page_tables_with(&mem, &regions).unwrap();
+            let bi = build_page_tables_with(&mem, &regions, RamMapping::Large).unwrap();
             assert_eq!(bi.nr_pt_frames, boot, "{sizes:?}");
             // The last page of each region is mapped writable, user-accessible.
             for (gpa, size) in &regions {

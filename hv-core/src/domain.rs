@@ -234,7 +234,10 @@ pub struct DomainShared {
     pub vcpu_cv: Condvar,
     /// The PV MMU: frame table of the page-table pool.
     pub mmu: Mutex<Mmu>,
-    /// The page-table root each vCPU was given (boot or `MMUEXT_NEW_BASEPTR`).
+    /// The page-table root each vCPU holds (SPEC 8.4, 8.5.4): the boot root for vCPU 0,
+    /// the context's `cr3` from `VCPUOP_INITIALISE` on for the others, then whatever
+    /// `MMUEXT_NEW_BASEPTR` loads. 0 (never a pool frame) for a vCPU that is down and
+    /// was never initialised: it holds no page table, so it keeps no table pinned.
     pub vcpu_cr3: Vec<AtomicU64>,
     /// Bumped whenever a table is unpinned, so vCPUs re-check their cached CR3.
     pub unpin_gen: AtomicU64,
@@ -578,10 +581,12 @@ impl Domain {
         let region_specs = DeviceSpec::regions(&config.devices);
         let region_sizes: Vec<u64> = region_specs.iter().map(|r| r.size).collect();
 
+        let ram_mapping = boot::RamMapping::for_kernel_minor(image.note.minor);
         let (pool_frames, _) = boot::pool_frames_for_regions(
             config.mem_bytes,
             config.pt_pool_extra_frames,
             &region_sizes,
+            ram_mapping,
         );
         let mem = DomainMemory::new(&config.name, config.mem_bytes, pool_frames)?;
         let first_free = image.load_into(&mem)?;
@@ -598,7 +603,7 @@ impl Domain {
             &console_sink,
             regions,
         )?;
-        let bi = boot::build_page_tables_with(&mem, &region_ranges)?;
+        let bi = boot::build_page_tables_with(&mem, &region_ranges, ram_mapping)?;
         let mut mmu = Mmu::new(Layout {
             phys_bits: crate::cpuid::phys_bits(&crate::cpuid::supported_cached(kvm)?),
             ram_frames: mem.ram_bytes() / hv_abi::PAGE_SIZE,
@@ -732,7 +737,7 @@ impl Domain {
             vcpu_cv: Condvar::new(),
             mmu: Mutex::new(mmu),
             vcpu_cr3: (0..config.vcpus)
-                .map(|_| AtomicU64::new(bi.pt_base))
+                .map(|id| AtomicU64::new(if id == 0 { bi.pt_base } else { 0 }))
                 .collect(),
             unpin_gen: AtomicU64::new(0),
             outcome: Mutex::new(None),

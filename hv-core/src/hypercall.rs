@@ -14,7 +14,7 @@ use hv_abi::sched::{
     SHUTDOWN_CRASH, SHUTDOWN_POWEROFF, SHUTDOWN_REBOOT,
 };
 use hv_abi::version::packed_version;
-use hv_abi::{Errno, Op, ABI_MAJOR, ABI_MINOR, PAGE_SIZE};
+use hv_abi::{Errno, Op, ABI_MAJOR, ABI_MINOR};
 
 use crate::domain::{DomainShared, VcpuState};
 use crate::guest_arg;
@@ -233,12 +233,15 @@ fn vcpu_op(dom: &DomainShared, cmd: u64, target: u64, gpa: u64) -> HcResult {
             if ctx.reserved.iter().any(|r| *r != 0) {
                 return Err(Errno::EINVAL);
             }
-            let cr3_ok = ctx.cr3 % PAGE_SIZE == 0
-                && ctx.cr3 >= dom.mem.pool_gpa()
-                && ctx.cr3 < dom.mem.pool_end();
-            if !cr3_ok {
+            // The context's root must be a pinned L4, and from here on it is this
+            // vCPU's CR3, which MMUEXT_UNPIN_TABLE refuses to unpin (SPEC 8.4). Checked
+            // and recorded under the MMU lock, so that no unpin slips in between.
+            let mmu = dom.mmu.lock().map_err(|_| Errno::EIO)?;
+            if !mmu.is_pinned_l4(ctx.cr3) {
                 return Err(Errno::EINVAL);
             }
+            dom.vcpu_cr3[idx].store(ctx.cr3, std::sync::atomic::Ordering::Release);
+            drop(mmu);
             slots[idx] = VcpuState::Initialised(ctx);
             Ok(0)
         }

@@ -90,12 +90,26 @@ impl Model {
                 return Err(Errno::EINVAL);
             }
         }
-        // Bit 7 is PAT at L1 (allowed) and PS above (no huge pages).
-        if level > 1 && flags & (1 << 7) != 0 {
+        // Bit 7 is PAT at L1 (allowed), PS at L2 (a 2 MiB page: bits 13-20 must be 0),
+        // and PS at L3/L4 (no 1 GiB pages).
+        let large = level == 2 && flags & (1 << 7) != 0;
+        if level > 2 && flags & (1 << 7) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if large && (13..=20).any(|bit| val & (1 << bit) != 0) {
             return Err(Errno::EINVAL);
         }
         if level == 4 && (256..=271).contains(&slot) {
             return Err(Errno::EACCES);
+        }
+        if large {
+            // Wholly in RAM, which is never a page table: no reference.
+            let start = addr & !((2 << 20) - 1);
+            return if start + (2 << 20) <= self.layout.ram_frames * PAGE {
+                Ok(Points::Ram)
+            } else {
+                Err(Errno::EACCES)
+            };
         }
         if self.in_pool(addr) {
             if level > 1 {
@@ -248,7 +262,9 @@ impl Model {
         let mut stored = val;
         if val & PTE_P != 0 {
             stored |= PTE_A;
-            if level == 1 && val & PTE_W != 0 {
+            // Dirty on writable leaves: L1 entries and 2 MiB pages.
+            let leaf = level == 1 || (level == 2 && val & (1 << 7) != 0);
+            if leaf && val & PTE_W != 0 {
                 stored |= PTE_D;
             }
         }

@@ -406,3 +406,64 @@ fn start_info_and_boot_layout() {
         .console
         .contains(&format!("{:#x}", layout::SHARED_INFO_GPA)));
 }
+
+/// The "N boot frames" the demo prints (start_info.nr_pt_frames).
+fn demo_boot_frames(run: &tests::GuestRun) -> u64 {
+    let line = run.line_with("boot frames");
+    line.split(", ")
+        .find_map(|w| w.strip_suffix(" boot frames"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"))
+}
+
+#[test]
+fn demo_runs_with_big_ram_and_boot_tables_stay_small() {
+    if !kvm_available() {
+        return;
+    }
+    use hv_core::boot::{pool_frames_for_regions, RamMapping};
+    // The demo maps the whole pool in its own address space: with 4 KiB boot pages
+    // throughout, 8 GiB needed more tables than it could build ("too many tables for
+    // the demo"), and 256 GiB cost 131,591 boot frames (514 MiB of host memory).
+    for (ram, extra) in [
+        (8u64 << 30, "8 GiB"),
+        (256u64 << 30, "256 GiB, the most hv accepts"),
+    ] {
+        let cfg = DomainConfig {
+            mem_bytes: ram,
+            ..DomainConfig::default()
+        };
+        let run = run_elf(tests::demo_kernel(), cfg).expect("demo runs");
+        run.assert_poweroff(0);
+        run.line_with("unpinned the boot tables");
+        let frames = demo_boot_frames(&run);
+        let (_, want) = pool_frames_for_regions(ram, 256, &[], RamMapping::Large);
+        assert_eq!(frames, want, "{extra}");
+        assert!(frames < 2400, "{extra}: {frames} boot frames");
+    }
+}
+
+#[test]
+fn a_kernel_built_for_abi_1_2_keeps_4k_boot_pages_throughout() {
+    if !kvm_available() {
+        return;
+    }
+    use hv_core::boot::{pool_frames_for_regions, RamMapping};
+    // The boot state is part of the ABI: a kernel whose note asks for 1.2 gets the 1.2
+    // boot tables (every RAM page through an L1 entry), even above 4 GiB.
+    let mut elf = tests::demo_kernel().to_vec();
+    let mut note = tests::elf_edit::note(&elf);
+    note.minor = 2;
+    tests::elf_edit::set_note(&mut elf, note);
+    let ram = 8u64 << 30;
+    let cfg = DomainConfig {
+        mem_bytes: ram,
+        ..DomainConfig::default()
+    };
+    let run = run_elf(&elf, cfg).expect("demo runs");
+    run.assert_poweroff(0);
+    let (_, small) = pool_frames_for_regions(ram, 256, &[], RamMapping::Small);
+    let (_, large) = pool_frames_for_regions(ram, 256, &[], RamMapping::Large);
+    assert_eq!(demo_boot_frames(&run), small);
+    assert!(small > large + 2000, "{small} {large}");
+}

@@ -10,7 +10,9 @@ use proptest::prelude::*;
 use tests::mmu_model::{Model, ModelLayout, PAGE};
 use zerocopy::FromBytes;
 
-const RAM_FRAMES: u64 = 32;
+/// 4 MiB of RAM: room for one 2 MiB page ([2 MiB, 4 MiB)) and one that would reach
+/// into the pool (at 4 MiB).
+const RAM_FRAMES: u64 = 1024;
 const POOL_BASE: u64 = RAM_FRAMES * PAGE;
 const POOL_FRAMES: u64 = 8;
 const PHYS_BITS: u32 = 40;
@@ -54,6 +56,7 @@ fn entry() -> impl Strategy<Value = u64> {
     let target = prop_oneof![
         4 => (0..POOL_FRAMES).prop_map(pool),
         3 => (0..RAM_FRAMES).prop_map(|f| f * PAGE),
+        1 => prop_oneof![Just(0u64), Just(2 << 20), Just((2 << 20) + PAGE), Just(3 << 20)],
         1 => Just(1u64 << 39),
         1 => Just(1u64 << 45),
     ];
@@ -63,7 +66,7 @@ fn entry() -> impl Strategy<Value = u64> {
         any::<bool>(),
         prop::bool::weighted(0.1),
         prop::bool::weighted(0.1),
-        prop::bool::weighted(0.05),
+        prop::bool::weighted(0.15),
         prop::bool::weighted(0.05),
     )
         .prop_map(|(p, w, u, a, d, ps, hi)| {

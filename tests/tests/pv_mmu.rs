@@ -213,3 +213,92 @@ fn forced_coherent_paging_pauses_nobody() {
     assert_eq!(run.int("remap_ok"), 1, "{}", run.console);
     assert_eq!(run.report.vcpu_pauses, 0, "{}", run.console);
 }
+
+#[test]
+fn only_the_roots_vcpus_hold_are_busy() {
+    if !kvm_available() {
+        return;
+    }
+    // SPEC 8.4 / 8.5.4: a vCPU that is down holds no page table (hv used to count the
+    // boot root as every vCPU's CR3, so a 2-vCPU guest could never unpin it); from
+    // VCPUOP_INITIALISE on, the context's root (a pinned L4) is the vCPU's CR3.
+    let run = tests::scenario_with(
+        "unpin-vcpus",
+        "",
+        hv_core::DomainConfig {
+            vcpus: 2,
+            ..hv_core::DomainConfig::default()
+        },
+    );
+    run.assert_poweroff(0);
+    let e = |x: Errno| x.to_ret();
+    for (key, want) in [
+        ("switch_a", 0),
+        ("unpin_boot_v1_down", 0),
+        ("init_unpinned", e(Errno::EINVAL)),
+        ("init_b", 0),
+        ("unpin_initialised", e(Errno::EBUSY)),
+        ("reinit_a", 0),
+        ("unpin_after_reinit", 0),
+        ("up", 0),
+        ("v1_started_on_a", 1),
+        ("v1_switch", 0),
+        ("unpin_other_vcpu", e(Errno::EBUSY)),
+        ("unpin_own", e(Errno::EBUSY)),
+    ] {
+        assert_eq!(run.int(key), want, "{key}; console:\n{}", run.console);
+    }
+}
+
+#[test]
+fn big_ram_is_mapped_with_2mib_pages_that_the_validator_accepts() {
+    if !kvm_available() {
+        return;
+    }
+    // SPEC 4.5 (ABI 1.3): RAM above 4 GiB in 2 MiB pages, a last partial 2 MiB in
+    // 4 KiB pages; SPEC 8.5.2: 2 MiB pages in L2 entries, wholly in RAM.
+    let ram = (8u64 << 30) + (1 << 20);
+    let run = tests::scenario_with(
+        "big-ram",
+        "",
+        hv_core::DomainConfig {
+            mem_bytes: ram,
+            ..hv_core::DomainConfig::default()
+        },
+    );
+    run.assert_poweroff(0);
+    let e = |x: Errno| x.to_ret();
+    let rw_large = 0xE7; // P W U A D PS
+    let c = &run.console;
+    assert_eq!(run.int("boot_6g_level"), 2, "{c}");
+    assert_eq!(run.int("boot_6g_entry"), (6 << 30) | rw_large, "{c}");
+    assert_eq!(run.int("boot_below_4g_level"), 1, "{c}");
+    assert_eq!(
+        run.int("boot_below_4g_entry"),
+        ((4 << 30) - 4096) | 0x67,
+        "{c}"
+    );
+    assert_eq!(run.int("boot_last_level"), 1, "{c}");
+    assert_eq!(
+        run.int("boot_last_entry"),
+        ((ram - 4096) | 0x67) as i64,
+        "{c}"
+    );
+    for (key, want) in [
+        ("high_rw", 1),
+        ("uva_large", e(Errno::EINVAL)),
+        ("uva_last", 0),
+        ("remap_large", 0),
+        ("remapped_read", 0x4444),
+        ("remap_back", 0),
+        ("back_read", 0x6666),
+        ("pin_past_ram_end", e(Errno::EACCES)),
+        ("pin_large", 0),
+        ("update_large", 0),
+        ("large_stored_ad", 1),
+        ("update_misaligned", e(Errno::EINVAL)),
+        ("pin_l3_large", e(Errno::EINVAL)),
+    ] {
+        assert_eq!(run.int(key), want, "{key}; console:\n{c}");
+    }
+}

@@ -3,7 +3,7 @@
 
 use hv_abi::mmu::{
     MmuUpdate, MmuextOp, MMUEXT_INVLPG_LOCAL, MMUEXT_NEW_BASEPTR, MMUEXT_PIN_L1_TABLE,
-    MMUEXT_PIN_L4_TABLE, MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_UNPIN_TABLE, PTE_ADDR_MASK, PTE_P,
+    MMUEXT_PIN_L4_TABLE, MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_UNPIN_TABLE, PTE_ADDR_MASK, PTE_P, PTE_PS,
     UVMF_INVLPG,
 };
 use hv_abi::{layout, Errno};
@@ -86,6 +86,8 @@ pub fn mmuext_op(
     res
 }
 
+/// True if some vCPU holds `gpa` as its root (SPEC 8.4): its CR3 if it is up, its
+/// context's `cr3` if it is initialised. A vCPU still down holds none (its slot is 0).
 fn in_use_as_cr3(dom: &DomainShared, gpa: u64) -> bool {
     dom.vcpu_cr3
         .iter()
@@ -132,12 +134,13 @@ fn mmuext_one(
     }
 }
 
-/// Guest-physical address of the L1 entry that maps `va` under root `cr3`.
+/// Guest-physical address of the L1 entry that maps `va` under root `cr3`. EINVAL if
+/// there is none: an entry on the walk is not present, or `va` lies in a 2 MiB page.
 pub(crate) fn l1_entry_for(pool: &PoolAccess<'_>, cr3: u64, va: u64) -> Result<u64, Errno> {
     let mut table = cr3 & PTE_ADDR_MASK;
     for shift in [39u32, 30, 21] {
         let e = pool.read_pte(table + ((va >> shift) & 511) * 8);
-        if e & PTE_P == 0 {
+        if e & PTE_P == 0 || e & PTE_PS != 0 {
             return Err(Errno::EINVAL);
         }
         table = e & PTE_ADDR_MASK;

@@ -11,10 +11,12 @@
 //! - A present L1 entry maps a RAM frame (any permissions) or a pool frame: read-only
 //!   if the pool frame is a page table; writable only while it is not one (such a
 //!   frame cannot become a page table until the writable mappings are gone).
-//! - A present L2..L4 entry points to a pool frame validated as a table one level down.
-//!   No huge pages (PS), no reserved bits, nothing in the hypervisor's L4 slots.
-//! - Entries written through the validator get Accessed set (and Dirty on writable L1
-//!   entries), so a CPU rarely needs to write them back into the read-only pool.
+//! - A present L2..L4 entry points to a pool frame validated as a table one level down,
+//!   except an L2 entry with PS (ABI 1.3): a 2 MiB page wholly in RAM, which takes no
+//!   reference (RAM frames are never page tables). No PS in L3/L4, no reserved bits,
+//!   nothing in the hypervisor's L4 slots.
+//! - Entries written through the validator get Accessed set (and Dirty on writable
+//!   leaves), so a CPU rarely needs to write them back into the read-only pool.
 //!   Validation itself never changes memory: a rejected operation changes nothing.
 
 pub mod hypercalls;

@@ -1,6 +1,9 @@
 //! Entry rules: what a page-table entry at a given level and slot may contain.
 
-use hv_abi::mmu::{PTE_A, PTE_ADDR_MASK, PTE_D, PTE_P, PTE_PS, PTE_W};
+use hv_abi::mmu::{
+    LARGE_PAGE_SIZE, PTE_A, PTE_ADDR_MASK, PTE_D, PTE_LARGE_ADDR_MASK, PTE_P, PTE_PAT_LARGE,
+    PTE_PS, PTE_W,
+};
 use hv_abi::{Errno, PAGE_SIZE};
 
 /// L4 slots reserved to the hypervisor (virtual 0xFFFF8000_00000000..0xFFFF8800_00000000).
@@ -28,7 +31,7 @@ pub struct Layout {
 pub enum Target {
     /// Not present: refers to nothing.
     NotPresent,
-    /// An L1 entry mapping a RAM frame.
+    /// An L1 entry mapping a RAM frame, or an L2 entry mapping a 2 MiB page of RAM.
     Ram,
     /// An L1 entry mapping a pool frame read-only.
     PoolReadOnly(usize),
@@ -58,18 +61,35 @@ impl Layout {
 
     /// Checks entry `val` for slot `slot` of a level-`level` table (1..=4) without
     /// looking at any frame's state (SPEC.md 8.5.2). Errors: EINVAL for reserved address
-    /// bits (M..=51) or a huge page (PS at L2-L4); EACCES for a present entry in a
-    /// hypervisor L4 slot, or a target that is neither RAM (L1 only) nor the pool.
+    /// bits (M..=51), PS in an L3 or L4 entry, or a 2 MiB page (PS in an L2 entry) whose
+    /// bits 13-20 are not 0; EACCES for a present entry in a hypervisor L4 slot, a 2 MiB
+    /// page not wholly in RAM, or a target that is neither RAM (L1 only) nor the pool.
     pub fn check_entry(&self, level: u8, slot: usize, val: u64) -> Result<Target, Errno> {
         if val & PTE_P == 0 {
             return Ok(Target::NotPresent);
         }
         let reserved = ADDR_FIELD & !((1u64 << self.phys_bits.clamp(32, 52)) - 1);
-        if val & reserved != 0 || (level > 1 && val & PTE_PS != 0) {
+        let large = level == 2 && val & PTE_PS != 0;
+        let large_reserved = PTE_ADDR_MASK & !PTE_LARGE_ADDR_MASK & !PTE_PAT_LARGE;
+        if val & reserved != 0
+            || (level > 2 && val & PTE_PS != 0)
+            || (large && val & large_reserved != 0)
+        {
             return Err(Errno::EINVAL);
         }
         if level == 4 && HV_L4_SLOTS.contains(&slot) {
             return Err(Errno::EACCES);
+        }
+        if large {
+            // RAM frames are never page tables, so a 2 MiB page of RAM needs no type
+            // tracking; one that reaches past RAM (into the pool, the grant window or a
+            // passthrough region) is refused.
+            let start = val & PTE_LARGE_ADDR_MASK;
+            return if start + LARGE_PAGE_SIZE <= self.ram_bytes() {
+                Ok(Target::Ram)
+            } else {
+                Err(Errno::EACCES)
+            };
         }
         let addr = val & PTE_ADDR_MASK;
         if let Some(i) = self.pool_index(addr) {
@@ -86,14 +106,20 @@ impl Layout {
     }
 }
 
+/// True if `val`, found at `level`, maps a page (an L1 entry, or an L2 entry with PS)
+/// rather than pointing to a table.
+pub fn is_leaf(level: u8, val: u64) -> bool {
+    level == 1 || (level == 2 && val & PTE_PS != 0)
+}
+
 /// The value the hypervisor stores for `val` at `level`: Accessed set on present
-/// entries, and Dirty on present writable L1 entries.
+/// entries, and Dirty on present writable leaves (L1 entries and 2 MiB pages).
 pub fn with_accessed(level: u8, val: u64) -> u64 {
     if val & PTE_P == 0 {
         return val;
     }
     let mut v = val | PTE_A;
-    if level == 1 && val & PTE_W != 0 {
+    if is_leaf(level, val) && val & PTE_W != 0 {
         v |= PTE_D;
     }
     v

@@ -61,7 +61,23 @@ fn entry_rules() {
     let l = layout();
     let ok = |lvl, slot, v| l.check_entry(lvl, slot, v);
     assert_eq!(ok(1, 0, 0x5000 | PTE_P | PTE_PS), Ok(Target::Ram)); // PAT at L1
-    assert_eq!(ok(2, 0, f(1) | PTE_P | PTE_PS), Err(Errno::EINVAL)); // huge page
+                                                                    // 2 MiB pages (ABI 1.3): L2 only, aligned (bit 12 is PAT), wholly in RAM (4 MiB).
+    assert_eq!(
+        ok(2, 0, 0x20_0000 | PTE_P | PTE_W | PTE_PS),
+        Ok(Target::Ram)
+    );
+    assert_eq!(ok(2, 0, 0x20_1000 | PTE_P | PTE_PS), Ok(Target::Ram)); // PAT
+    assert_eq!(ok(2, 0, 0x20_2000 | PTE_P | PTE_PS), Err(Errno::EINVAL)); // bits 13-20
+    assert_eq!(ok(2, 0, 0x30_0000 | PTE_P | PTE_PS), Err(Errno::EINVAL));
+    assert_eq!(ok(2, 0, POOL | PTE_P | PTE_PS), Err(Errno::EACCES)); // the pool
+    assert_eq!(ok(2, 0, (1 << 40) | PTE_P | PTE_PS), Err(Errno::EACCES)); // outside
+    assert_eq!(
+        ok(2, 0, 0x20_0000 | PTE_P | PTE_PS | 1 << 46),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(ok(3, 0, PTE_P | PTE_PS), Err(Errno::EINVAL)); // no 1 GiB pages
+    assert_eq!(ok(3, 0, f(1) | PTE_P | PTE_PS), Err(Errno::EINVAL));
+    assert_eq!(ok(4, 0, f(1) | PTE_P | PTE_PS), Err(Errno::EINVAL));
     assert_eq!(
         ok(1, 0, 0x5000 | PTE_P | 1 << 52 | 1 << 62),
         Ok(Target::Ram)
@@ -206,4 +222,39 @@ fn data_ranges_map_as_data_only() {
         mmu.write_entry(&mut mem, l1e, 0),
         Ok((1, data | PTE_A | PTE_D))
     );
+}
+
+#[test]
+fn large_pages_take_no_reference_and_their_changes_are_upper_level() {
+    let mut mem = Mem::default();
+    chain(&mut mem);
+    // The L2 (frame 2) maps RAM [2 MiB, 4 MiB) with one 2 MiB page in slot 1.
+    mem.write_pte(f(2) + 8, 0x20_0000 | PTE_P | PTE_W | PTE_PS);
+    let mut m = Mmu::new(layout());
+    m.pin(&mut mem, 4, f(0)).unwrap();
+    assert_eq!(m.frame(f(2)).unwrap().level, 2);
+    let before = m.frames().to_vec();
+    m.take_changes();
+    // Replaced by a read-only 2 MiB page of the same RAM: stored with A (no D: not
+    // writable), no reference moves, and the change is an upper-level one.
+    let (level, old) = m
+        .update(&mut mem, f(2) + 8, 0x20_0000 | PTE_P | PTE_PS)
+        .unwrap();
+    assert_eq!((level, old), (2, 0x20_0000 | PTE_P | PTE_W | PTE_PS));
+    assert_eq!(mem.read_pte(f(2) + 8), 0x20_0000 | PTE_P | PTE_PS | PTE_A);
+    assert_eq!(m.frames(), &before[..]);
+    let c = m.take_changes();
+    assert!(c.upper && c.old_l1_targets.is_empty(), "{c:?}");
+    // Writable: A and D.
+    m.update(&mut mem, f(2) + 8, 0x20_0000 | PTE_P | PTE_W | PTE_PS)
+        .unwrap();
+    assert_eq!(
+        mem.read_pte(f(2) + 8),
+        0x20_0000 | PTE_P | PTE_W | PTE_PS | PTE_A | PTE_D
+    );
+    // An L2 entry is a table or a page, never both: a table there again is fine.
+    m.update(&mut mem, f(2) + 8, f(4) | PTE_P | PTE_W).unwrap();
+    assert_eq!(m.frame(f(4)).unwrap().level, 1);
+    m.unpin(&mut mem, f(0), false).unwrap();
+    assert!(m.frames().iter().all(|fr| *fr == FrameInfo::default()));
 }

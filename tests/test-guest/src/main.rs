@@ -21,6 +21,8 @@
 //! | `cpuid` | `cpuid_sig=`, `cpuid_max_leaf=0x..`, `cpuid_version=0x..`, `cpuid_features=0x..`, `cpuid_port=0x..` |
 //! | `vcpus` | `vcpu1 arg=42` (from vCPU 1), `vcpu1_is_up=`, `vcpu_up_again=`, `vcpu_bad=`, `vcpus ok` |
 //! | `cmdline` | `cmdline=<the whole command line>` |
+//! | `big-ram` | (RAM > 6 GiB, not a multiple of 2 MiB) 2 MiB pages at boot and through the validator: `boot_6g_level=`, `high_rw=`, `pin_large=`, ... (see `mmu.rs`) |
+//! | `unpin-vcpus` | (2 vCPUs) which roots vCPUs hold: `unpin_boot_v1_down=`, `init_unpinned=`, `unpin_initialised=`, ... (see `mmu.rs`) |
 //! | `emu-blk`, `emu-errors`, `uart`, `pt`, `pt-spin`, `pt-fill` | emulated devices and passthrough (see `emu.rs`) |
 //! | `blk`, `blk-overflow`, `blk-flush`, `blk-idle`, `pvcons` | PV block and PV console back-ends (see `blk.rs`) |
 //! | anything else | `unknown scenario`, exit code 3 |
@@ -97,6 +99,8 @@ fn main(si: &'static StartInfo) -> ! {
         b"ring3-remap" => ring3_remap(si, 0),
         b"ring3-remap-l2" => ring3_remap(si, 1),
         b"cr3-bypass" => mmu::cr3_bypass(si),
+        b"unpin-vcpus" => mmu::unpin_vcpus(si),
+        b"big-ram" => mmu::big_ram(si),
         b"blk" => blk::blk(si),
         b"blk-overflow" => blk::overflow(si),
         b"blk-flush" => blk::flush(si),
