@@ -9,7 +9,7 @@
 
 use hv_abi::layout::{self, GDT_ENTRIES};
 use hv_abi::mmu::{LARGE_PAGE_SIZE, PTE_A, PTE_D, PTE_P, PTE_PS, PTE_U, PTE_W};
-use hv_abi::start_info::{StartInfo, CMDLINE_MAX, START_INFO_MAGIC};
+use hv_abi::start_info::{StartInfo, START_INFO_MAGIC};
 use hv_abi::{Features, ABI_MAJOR, ABI_MINOR, PAGE_SIZE};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use thiserror::Error;
@@ -36,12 +36,9 @@ const ENTRIES: usize = 512;
 /// Errors while building the boot environment.
 #[derive(Debug, Error)]
 pub enum BootError {
-    /// The command line is too long.
-    #[error("command line is {0} bytes; at most {max} are allowed", max = CMDLINE_MAX - 1)]
-    CmdlineTooLong(usize),
-    /// The command line contains a NUL byte.
-    #[error("command line contains a NUL byte")]
-    CmdlineNul,
+    /// The command line breaks the ABI's rule ([`crate::params`]).
+    #[error("{0}")]
+    Cmdline(#[from] crate::params::ParamError),
     /// The boot page tables do not fit in the pool.
     #[error("boot page tables need {need} frames but the pool has {have}")]
     PoolTooSmall {
@@ -370,24 +367,13 @@ pub struct StartInfoParams<'a> {
     pub cmdline: &'a str,
 }
 
-/// Checks a command line against the ABI's limits.
-pub fn check_cmdline(cmdline: &str) -> Result<(), BootError> {
-    if cmdline.len() > CMDLINE_MAX - 1 {
-        return Err(BootError::CmdlineTooLong(cmdline.len()));
-    }
-    if cmdline.as_bytes().contains(&0) {
-        return Err(BootError::CmdlineNul);
-    }
-    Ok(())
-}
-
 /// Writes the start_info page.
 pub fn write_start_info(
     mem: &DomainMemory,
     boot: &BootInfo,
     p: &StartInfoParams<'_>,
 ) -> Result<(), BootError> {
-    check_cmdline(p.cmdline)?;
+    crate::params::check_cmdline(p.cmdline)?;
     let mut si = StartInfo::new_zeroed();
     si.magic = START_INFO_MAGIC;
     si.abi_major = ABI_MAJOR;

@@ -12,14 +12,12 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use hv_abi::shared_info::{MAX_VCPUS, NR_EVENT_CHANNELS};
-use hv_abi::start_info::CMDLINE_MAX;
+use hv_abi::shared_info::NR_EVENT_CHANNELS;
 use kvm_ioctls::Kvm;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::boot;
 use crate::cli::parse_size;
 use crate::console::ConsoleSink;
 use crate::devices::disk::DiskSpec;
@@ -28,8 +26,8 @@ use crate::devices::{self as devs, ConsoleInput, ConsoleSpec, DeviceSpec, SpecEr
 use crate::domain::{DomainConfig, DomainError, DEFAULT_MEM_BYTES, FEATURES, MAX_DOMID};
 use crate::hypervisor::{DomainResult, Hypervisor};
 use crate::loader::{KernelImage, LoadError};
-use crate::memory::{MAX_RAM_BYTES, MIN_RAM_BYTES};
 use crate::outcome::{Outcome, EXIT_CRASH, EXIT_INTERNAL};
+use crate::params;
 
 /// Most domains one configuration file may define.
 pub const MAX_DOMAINS: usize = 4096;
@@ -552,9 +550,9 @@ impl Config {
                     + max_port
                     + digits(u64::from(peer.domid));
             }
-            boot::check_cmdline(&d.cmdline)
+            crate::params::check_cmdline(&d.cmdline)
                 .map_err(|e| field(&d.name, "cmdline", e.to_string()))?;
-            if len > CMDLINE_MAX - 1 {
+            if len > params::MAX_CMDLINE_BYTES {
                 return Err(field(
                     &d.name,
                     "cmdline",
@@ -562,7 +560,7 @@ impl Config {
                         "{} bytes, and the connections append up to {} more: at most {} fit",
                         d.cmdline.len(),
                         len - d.cmdline.len(),
-                        CMDLINE_MAX - 1
+                        params::MAX_CMDLINE_BYTES
                     ),
                 ));
             }
@@ -723,21 +721,9 @@ fn check_domain(d: &RawDomain, domid: u32, base: &Path) -> Result<DomainSpec, Co
             parse_size(s).map_err(|e| field(&d.name, "memory", e.to_string()))?
         }
     };
-    if !(MIN_RAM_BYTES..=MAX_RAM_BYTES).contains(&mem_bytes) || mem_bytes % 4096 != 0 {
-        return Err(field(
-            &d.name,
-            "memory",
-            format!("{mem_bytes} bytes: it must be a multiple of 4 KiB between 2 MiB and 256 GiB"),
-        ));
-    }
+    params::check_memory(mem_bytes).map_err(|e| field(&d.name, "memory", e.to_string()))?;
     let vcpus = d.vcpus.unwrap_or(1);
-    if vcpus == 0 || vcpus as usize > MAX_VCPUS {
-        return Err(field(
-            &d.name,
-            "vcpus",
-            format!("{vcpus}: a domain has 1 to {MAX_VCPUS} vCPUs"),
-        ));
-    }
+    params::check_vcpus(vcpus).map_err(|e| field(&d.name, "vcpus", e.to_string()))?;
     let (devices, console) = check_devices(d, base)?;
     Ok(DomainSpec {
         name: d.name.clone(),

@@ -5,7 +5,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use hv_abi::hypercall::VcpuContext;
-use hv_abi::shared_info::MAX_VCPUS;
 use hv_abi::start_info::SIF_USER_HYPERCALLS;
 use hv_abi::{layout, Features};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
@@ -112,9 +111,9 @@ pub enum DomainError {
     /// Memory could not be set up.
     #[error("{0}")]
     Memory(#[from] MemoryError),
-    /// Bad vCPU count.
-    #[error("{0} vCPUs requested; a domain has 1 to {MAX_VCPUS}")]
-    BadVcpus(u32),
+    /// A parameter (RAM size, vCPU count, command line) breaks its rule.
+    #[error("{0}")]
+    Param(#[from] crate::params::ParamError),
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm: {0} (is KVM available and accessible to this user?)")]
     NoKvm(#[source] kvm_ioctls::Error),
@@ -172,10 +171,10 @@ impl DomainError {
         matches!(
             self,
             DomainError::Load(_)
-                | DomainError::BadVcpus(_)
+                | DomainError::Param(_)
                 | DomainError::DomainIdTaken(_)
                 | DomainError::BadDomainId(_)
-                | DomainError::Boot(BootError::CmdlineTooLong(_) | BootError::CmdlineNul)
+                | DomainError::Boot(BootError::Cmdline(_))
                 | DomainError::Memory(MemoryError::BadSize(_))
         ) || matches!(self, DomainError::Device(e) if e.is_user_error())
             || matches!(self, DomainError::Passthrough(e) if e.is_user_error())
@@ -315,7 +314,7 @@ impl DomainShared {
         } else {
             format!("{old} {extra}")
         };
-        boot::check_cmdline(&new)?;
+        crate::params::check_cmdline(&new)?;
         si.cmdline = [0; hv_abi::start_info::CMDLINE_MAX];
         si.cmdline[..new.len()].copy_from_slice(new.as_bytes());
         si.cmdline_len = new.len() as u32;
@@ -564,16 +563,16 @@ impl Domain {
         let t0 = Instant::now();
         let span = tracing::info_span!("domain", name = %config.name, domid = config.domid);
         let _e = span.enter();
-        if config.vcpus == 0 || config.vcpus as usize > MAX_VCPUS {
-            return Err(DomainError::BadVcpus(config.vcpus));
-        }
+        // RAM first: the kernel-fit rule below depends on it.
+        crate::params::check_memory(config.mem_bytes)?;
+        crate::params::check_vcpus(config.vcpus)?;
         if config.domid >= MAX_DOMID {
             return Err(DomainError::BadDomainId(config.domid));
         }
         if registry.contains(config.domid) {
             return Err(DomainError::DomainIdTaken(config.domid));
         }
-        boot::check_cmdline(&config.cmdline)?;
+        crate::params::check_cmdline(&config.cmdline)?;
         image.check_abi(FEATURES)?;
         image.check_fits(config.mem_bytes)?;
 

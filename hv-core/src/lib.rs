@@ -26,6 +26,7 @@ pub mod loader;
 pub mod memory;
 pub mod mmu;
 pub mod outcome;
+pub mod params;
 pub mod registry;
 pub mod signals;
 pub mod stats;

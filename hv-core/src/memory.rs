@@ -14,10 +14,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-/// Smallest RAM a domain may have: room for the boot area and a small kernel.
-pub const MIN_RAM_BYTES: u64 = 2 << 20;
-/// Largest RAM a domain may have.
-pub const MAX_RAM_BYTES: u64 = 256 << 30;
+pub use crate::params::{MAX_RAM_BYTES, MIN_RAM_BYTES};
 
 /// Errors of domain memory set-up and access.
 #[derive(Debug, Error)]
@@ -70,9 +67,7 @@ pub fn pool_gpa_for(ram_bytes: u64) -> u64 {
 impl DomainMemory {
     /// Creates RAM of `ram_bytes` and a page-table pool of `pool_frames` frames.
     pub fn new(name: &str, ram_bytes: u64, pool_frames: u64) -> Result<Self, MemoryError> {
-        if !(MIN_RAM_BYTES..=MAX_RAM_BYTES).contains(&ram_bytes) || ram_bytes % PAGE_SIZE != 0 {
-            return Err(MemoryError::BadSize(ram_bytes));
-        }
+        crate::params::check_memory(ram_bytes).map_err(|_| MemoryError::BadSize(ram_bytes))?;
         let pool_bytes = pool_frames
             .checked_mul(PAGE_SIZE)
             .filter(|b| *b > 0 && *b <= 16 << 30)

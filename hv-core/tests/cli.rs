@@ -193,8 +193,17 @@ fn bad_input_exits_2_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("vCPUs"), "{}", text(&out.stderr));
 
-    let out = hv(&["run", "--mem", "1M"]);
-    assert_eq!(out.status.code(), Some(2));
+    // The RAM rule is checked before the kernel-fit rule (a 1-byte domain used to be
+    // refused for a segment that does not fit).
+    for mem in ["1M", "1"] {
+        let out = hv(&["run", "--mem", mem]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            text(&out.stderr).contains("bytes of RAM: it must be a multiple of 4 KiB"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
