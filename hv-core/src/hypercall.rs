@@ -1,25 +1,20 @@
 //! Hypercall dispatch: decodes an operation and its arguments, checks them, runs it.
 //!
-//! Every argument comes from the guest and is checked here before use. The result is
-//! a non-negative value or an [`Errno`]; a successful shutdown stops the vCPU.
+//! Every argument comes from the guest and is checked before use, by the operation's
+//! own module (`evtchn`, `grant`, `mmu::hypercalls`, `sched`, `vcpu_op`, `time`,
+//! `devices`); `version`, `console_io` and `multicall` are here. The result is a
+//! non-negative value or an [`Errno`]; a successful shutdown stops the vCPU.
 
 use hv_abi::hypercall::{
-    VcpuContext, CONSOLEIO_READ, CONSOLEIO_WRITE, CONSOLE_WRITE_MAX, UPCALL_VECTOR_MAX,
-    UPCALL_VECTOR_MIN, VCPUOP_INITIALISE, VCPUOP_IS_UP, VCPUOP_SET_UPCALL_VECTOR, VCPUOP_UP,
-    VERSION_FEATURES, VERSION_GET,
-};
-use hv_abi::sched::{SchedPoll, SCHED_POLL_MAX_PORTS};
-use hv_abi::sched::{
-    SCHEDOP_BLOCK, SCHEDOP_POLL, SCHEDOP_SHUTDOWN, SCHEDOP_YIELD, SHUTDOWN_CODE_MAX,
-    SHUTDOWN_CRASH, SHUTDOWN_POWEROFF, SHUTDOWN_REBOOT,
+    CONSOLEIO_READ, CONSOLEIO_WRITE, CONSOLE_WRITE_MAX, VERSION_FEATURES, VERSION_GET,
 };
 use hv_abi::version::packed_version;
 use hv_abi::{Errno, Op, ABI_MAJOR, ABI_MINOR};
 
-use crate::domain::{DomainShared, VcpuState};
+use crate::domain::DomainShared;
 use crate::guest_arg;
 use crate::mmu::hypercalls::{self as mmu, VcpuEffects, MAX_BATCH};
-use crate::outcome::{CrashReason, CrashReport, Outcome};
+use crate::sched::Sched;
 use hv_abi::mmu::MulticallEntry;
 
 /// What the vCPU does after a hypercall.
@@ -75,8 +70,11 @@ pub fn dispatch(
         Some(Op::Multicall) => multicall(dom, vcpu, call, a1, a2, effects),
         Some(Op::Version) => ret(version(dom, a1)),
         Some(Op::ConsoleIo) => ret(console_io(dom, a1, a2, a3)),
-        Some(Op::SchedOp) => sched_op(dom, vcpu, a1, a2, a3),
-        Some(Op::VcpuOp) => ret(vcpu_op(dom, a1, a2, a3)),
+        Some(Op::SchedOp) => match crate::sched::sched_op(dom, vcpu, a1, a2, a3) {
+            Sched::Done(r) => ret(r),
+            Sched::Shutdown => Disposition::Stop,
+        },
+        Some(Op::VcpuOp) => ret(crate::vcpu_op::vcpu_op(dom, a1, a2, a3)),
         Some(Op::EventChannelOp) => ret(crate::evtchn::event_channel_op(
             &dom.evtchn,
             &dom.mem,
@@ -127,134 +125,6 @@ fn console_io(dom: &DomainShared, cmd: u64, len: u64, gpa: u64) -> HcResult {
         }
         CONSOLEIO_READ => Err(Errno::ENOSYS),
         _ => Err(Errno::EINVAL),
-    }
-}
-
-fn sched_op(dom: &DomainShared, vcpu: u32, cmd: u64, reason: u64, code: u64) -> Disposition {
-    match cmd {
-        SCHEDOP_YIELD => {
-            std::thread::yield_now();
-            ret(Ok(0))
-        }
-        SCHEDOP_SHUTDOWN => {
-            // SPEC §8.3: a code above the maximum is refused whatever the reason.
-            if code > SHUTDOWN_CODE_MAX {
-                return ret(Err(Errno::EINVAL));
-            }
-            let outcome = match reason {
-                SHUTDOWN_POWEROFF => Outcome::Poweroff { code: code as u8 },
-                SHUTDOWN_REBOOT => Outcome::Reboot,
-                SHUTDOWN_CRASH => Outcome::Crash(Box::new(CrashReport::without_regs(
-                    vcpu,
-                    CrashReason::GuestCrash,
-                ))),
-                _ => return ret(Err(Errno::EINVAL)),
-            };
-            tracing::debug!(vcpu, %outcome, "guest shutdown");
-            dom.finish(outcome);
-            Disposition::Stop
-        }
-        SCHEDOP_BLOCK => {
-            dom.evtchn.clear_upcall_mask(vcpu);
-            dom.out_of_guest(vcpu, || {
-                dom.upcall.wait_until(None, || {
-                    dom.evtchn.upcall_pending(vcpu) || dom.is_stopping()
-                })
-            });
-            // Events that arrived while upcalls were masked raised no interrupt: raise
-            // it now, so it is taken as soon as the guest runs with RFLAGS.IF set.
-            if dom.evtchn.upcall_pending(vcpu) {
-                dom.upcall.raise(vcpu);
-            }
-            ret(Ok(0))
-        }
-        SCHEDOP_POLL => ret(poll(dom, vcpu, reason)),
-        _ => ret(Err(Errno::EINVAL)),
-    }
-}
-
-/// `SCHEDOP_POLL`: sleeps until one of the ports is pending or the timeout passes.
-fn poll(dom: &DomainShared, vcpu: u32, gpa: u64) -> HcResult {
-    let p: SchedPoll = guest_arg::copy_in(&dom.mem, gpa)?;
-    if p.reserved != 0 || p.nr_ports == 0 || p.nr_ports > SCHED_POLL_MAX_PORTS {
-        return Err(Errno::EINVAL);
-    }
-    let ports: Vec<u32> = guest_arg::copy_in_array(
-        &dom.mem,
-        p.ports_gpa,
-        u64::from(p.nr_ports),
-        u64::from(SCHED_POLL_MAX_PORTS),
-    )?;
-    let nr = hv_abi::shared_info::NR_EVENT_CHANNELS as u32;
-    if ports.iter().any(|p| *p == 0 || *p >= nr) {
-        return Err(Errno::EINVAL);
-    }
-    let deadline = (p.timeout != 0).then(|| dom.time.instant_of(p.timeout));
-    dom.out_of_guest(vcpu, || {
-        dom.upcall.wait_until(deadline, || {
-            dom.is_stopping() || ports.iter().any(|p| dom.evtchn.is_pending(*p))
-        })
-    });
-    Ok(0)
-}
-
-fn vcpu_op(dom: &DomainShared, cmd: u64, target: u64, gpa: u64) -> HcResult {
-    if !matches!(
-        cmd,
-        VCPUOP_INITIALISE | VCPUOP_UP | VCPUOP_IS_UP | VCPUOP_SET_UPCALL_VECTOR
-    ) {
-        return Err(Errno::EINVAL);
-    }
-    if target >= u64::from(dom.nr_vcpus) {
-        return Err(Errno::EINVAL);
-    }
-    if cmd == VCPUOP_SET_UPCALL_VECTOR {
-        let vector = gpa;
-        if vector != 0 && !(UPCALL_VECTOR_MIN..=UPCALL_VECTOR_MAX).contains(&vector) {
-            return Err(Errno::EINVAL);
-        }
-        dom.upcall
-            .set_vector(&dom.vm, target as u32, vector as u8)
-            .map_err(|e| {
-                tracing::error!(error = %e, "setting the upcall vector failed");
-                Errno::EIO
-            })?;
-        return Ok(0);
-    }
-    let idx = target as usize;
-    let mut slots = dom.vcpu_states.lock().map_err(|_| Errno::EIO)?;
-    match cmd {
-        VCPUOP_IS_UP => Ok(u64::from(matches!(slots[idx], VcpuState::Up(_)))),
-        VCPUOP_INITIALISE => {
-            if matches!(slots[idx], VcpuState::Up(_)) {
-                return Err(Errno::EEXIST);
-            }
-            let ctx: VcpuContext = guest_arg::copy_in(&dom.mem, gpa)?;
-            if ctx.reserved.iter().any(|r| *r != 0) {
-                return Err(Errno::EINVAL);
-            }
-            // The context's root must be a pinned L4, and from here on it is this
-            // vCPU's CR3, which MMUEXT_UNPIN_TABLE refuses to unpin (SPEC 8.4). Checked
-            // and recorded under the MMU lock, so that no unpin slips in between.
-            let mmu = dom.mmu.lock().map_err(|_| Errno::EIO)?;
-            if !mmu.is_pinned_l4(ctx.cr3) {
-                return Err(Errno::EINVAL);
-            }
-            dom.vcpu_cr3[idx].store(ctx.cr3, std::sync::atomic::Ordering::Release);
-            drop(mmu);
-            slots[idx] = VcpuState::Initialised(ctx);
-            Ok(0)
-        }
-        _ => match slots[idx] {
-            VcpuState::Up(_) => Err(Errno::EEXIST),
-            VcpuState::Down => Err(Errno::EINVAL),
-            VcpuState::Initialised(ctx) => {
-                slots[idx] = VcpuState::Up(ctx);
-                drop(slots);
-                dom.vcpu_cv.notify_all();
-                Ok(0)
-            }
-        },
     }
 }
 

@@ -28,11 +28,13 @@ pub mod mmu;
 pub mod outcome;
 pub mod params;
 pub mod registry;
+pub mod sched;
 pub mod signals;
 pub mod stats;
 pub mod time;
 pub mod upcall;
 pub mod vcpu;
+pub mod vcpu_op;
 
 pub use console::ConsoleSink;
 pub use domain::{Domain, DomainConfig, DomainError, DomainReport, FEATURES};
