@@ -523,7 +523,7 @@ fn bare_long_mode_vm(
     let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
     register_ram_and_pool(&vm, &mem)?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
-    let cpuid = crate::cpuid::supported_cached(kvm)?;
+    let cpuid = crate::cpuid::supported_cached(kvm).map_err(DomainError::from)?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
     let sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
     vcpu.set_sregs(&boot::boot_sregs(sregs, bi.pt_base))

@@ -15,7 +15,8 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use thiserror::Error;
 use zerocopy::FromZeros;
 
-use crate::memory::{pool_gpa_for, DomainMemory, MemoryError};
+use crate::gpa::pool_gpa_for;
+use crate::memory::{DomainMemory, MemoryError};
 
 /// CR0 at entry: PE | MP | ET | NE | WP | PG.
 pub const BOOT_CR0: u64 = 0x8001_0033;
@@ -94,7 +95,7 @@ pub fn boot_pt_frames(ram_bytes: u64, pool_frames: u64) -> u64 {
 }
 
 /// [`boot_pt_frames`] with passthrough regions of `region_sizes` bytes mapped too (at
-/// [`crate::devices::passthrough::region_gpas`]), and RAM mapped as `mapping` says.
+/// [`crate::gpa::region_gpas`]), and RAM mapped as `mapping` says.
 pub fn boot_pt_frames_with(
     ram_bytes: u64,
     pool_frames: u64,
@@ -103,7 +104,7 @@ pub fn boot_pt_frames_with(
 ) -> u64 {
     let pool = pool_gpa_for(ram_bytes);
     let pool_end = pool + pool_frames * PAGE_SIZE;
-    let window = crate::grant::window_gpa_for(pool_end);
+    let window = crate::gpa::window_gpa_for(pool_end);
     let (large, large_end) = mapping.large_range(ram_bytes);
     // (start, end, mapped with 2 MiB pages: needs no L1 tables), in ascending order.
     let mut ranges = if large < large_end {
@@ -116,8 +117,8 @@ pub fn boot_pt_frames_with(
         vec![(0, ram_bytes, false)]
     };
     ranges.push((pool, pool_end, false));
-    ranges.push((window, window + crate::grant::WINDOW_BYTES, false));
-    let gpas = crate::devices::passthrough::region_gpas(pool_end, region_sizes);
+    ranges.push((window, window + crate::gpa::WINDOW_BYTES, false));
+    let gpas = crate::gpa::region_gpas(pool_end, region_sizes);
     ranges.extend(
         gpas.iter()
             .zip(region_sizes)
@@ -274,8 +275,8 @@ pub fn build_page_tables_with(
         b.map(PAGE_SIZE, mem.ram_bytes(), ram);
     }
     b.map(pool, mem.pool_end(), PTE_P | PTE_U | PTE_A);
-    let window = crate::grant::window_gpa_for(mem.pool_end());
-    b.cover(window, window + crate::grant::WINDOW_BYTES);
+    let window = crate::gpa::window_gpa_for(mem.pool_end());
+    b.cover(window, window + crate::gpa::WINDOW_BYTES);
     for (gpa, size) in regions {
         b.map(*gpa, gpa + size, PTE_P | PTE_W | PTE_U | PTE_A | PTE_D);
     }
@@ -396,7 +397,7 @@ pub fn write_start_info(
         si.grant_table_gpa = layout::GRANT_TABLE_GPA;
         si.grant_table_frames = layout::GRANT_TABLE_FRAMES;
         si.grant_window_frames = layout::GRANT_WINDOW_FRAMES;
-        si.grant_window_gpa = crate::grant::window_gpa_for(mem.pool_end());
+        si.grant_window_gpa = crate::gpa::window_gpa_for(mem.pool_end());
     }
     si.cmdline_len = p.cmdline.len() as u32;
     si.cmdline[..p.cmdline.len()].copy_from_slice(p.cmdline.as_bytes());
@@ -530,9 +531,9 @@ mod tests {
                 }
                 let pg = pool_gpa_for(ram);
                 b.map(pg, pg + pool * PAGE_SIZE, PTE_P);
-                let w = crate::grant::window_gpa_for(pg + pool * PAGE_SIZE);
+                let w = crate::gpa::window_gpa_for(pg + pool * PAGE_SIZE);
                 assert_eq!(w % layout::GRANT_WINDOW_ALIGN, 0);
-                b.cover(w, w + crate::grant::WINDOW_BYTES);
+                b.cover(w, w + crate::gpa::WINDOW_BYTES);
                 assert_eq!(
                     b.frames.len() as u64,
                     boot,
@@ -631,7 +632,7 @@ mod tests {
                 pool_base: mem.pool_gpa(),
                 pool_frames: mem.pool_frames(),
             });
-            mmu.pin(&mut crate::memory::PoolAccess(&mem), 4, bi.pt_base)
+            mmu.pin(&mut crate::mmu::PoolAccess(&mem), 4, bi.pt_base)
                 .unwrap();
         }
         // 256 GiB: a few thousand frames, not the 131,591 of 4 KiB pages throughout.
@@ -646,7 +647,7 @@ mod tests {
         for sizes in [vec![4096u64], vec![2 << 20, 4096, 5 << 20], vec![1 << 30]] {
             let (pool, boot) = pool_frames_for_regions(ram, 16, &sizes, RamMapping::Large);
             let mem = DomainMemory::new("t", ram, pool).unwrap();
-            let gpas = crate::devices::passthrough::region_gpas(mem.pool_end(), &sizes);
+            let gpas = crate::gpa::region_gpas(mem.pool_end(), &sizes);
             let regions: Vec<(u64, u64)> = gpas.into_iter().zip(sizes.clone()).collect();
             let bi = build_page_tables_with(&mem, &regions, RamMapping::Large).unwrap();
             assert_eq!(bi.nr_pt_frames, boot, "{sizes:?}");

@@ -57,15 +57,20 @@ pub fn supported(kvm: &Kvm) -> Result<CpuId, kvm_ioctls::Error> {
 
 static SUPPORTED: std::sync::OnceLock<CpuId> = std::sync::OnceLock::new();
 
+/// Errors of the CPUID table.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuidError {
+    /// KVM would not say which CPUID leaves it supports.
+    #[error("KVM get supported CPUID failed: {0}")]
+    Supported(#[source] kvm_ioctls::Error),
+}
+
 /// KVM's supported CPUID table, queried once per process.
-pub fn supported_cached(kvm: &Kvm) -> Result<CpuId, crate::domain::DomainError> {
+pub fn supported_cached(kvm: &Kvm) -> Result<CpuId, CpuidError> {
     if let Some(c) = SUPPORTED.get() {
         return Ok(c.clone());
     }
-    let c = supported(kvm).map_err(|source| crate::domain::DomainError::Kvm {
-        what: "get supported CPUID",
-        source,
-    })?;
+    let c = supported(kvm).map_err(CpuidError::Supported)?;
     Ok(SUPPORTED.get_or_init(|| c).clone())
 }
 

@@ -19,7 +19,8 @@ use crate::devices::{ConsoleSpec, DeviceError, DeviceSpec, Devices};
 use crate::evtchn::EventChannels;
 use crate::grant::Grants;
 use crate::loader::{KernelImage, LoadError};
-use crate::memory::{DomainMemory, MemoryError, PoolAccess};
+use crate::memory::{DomainMemory, MemoryError};
+use crate::mmu::PoolAccess;
 use crate::mmu::{Layout, Mmu};
 use crate::outcome::{CrashReason, CrashReport, Outcome};
 use crate::registry::Registry;
@@ -129,6 +130,9 @@ pub enum DomainError {
     /// The CPUID table could not be built.
     #[error("cannot build the CPUID table: {0}")]
     Cpuid(String),
+    /// KVM's CPUID support could not be read.
+    #[error("{0}")]
+    CpuidSupport(#[from] crate::cpuid::CpuidError),
     /// The boot page tables failed the PV MMU's validation (a hypervisor bug).
     #[error("the boot page tables failed validation: {0}")]
     BootTables(hv_abi::Errno),

@@ -41,8 +41,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::domain::DomainShared;
-use crate::memory::PoolAccess;
 use crate::mmu::hypercalls::{l1_entry_for, VcpuEffects};
+use crate::mmu::PoolAccess;
 
 /// Grant references per domain.
 pub const NR_GRANT_REFS: u32 = GRANT_TABLE_FRAMES * GRANT_ENTRIES_PER_FRAME;

@@ -18,6 +18,7 @@ pub mod domain;
 pub mod evtchn;
 pub mod exit;
 pub mod fdlimit;
+pub mod gpa;
 pub mod grant;
 pub mod guest_arg;
 pub mod hypercall;

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
-use hv_abi::{layout, PAGE_SIZE};
+use hv_abi::PAGE_SIZE;
 use thiserror::Error;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -59,10 +59,7 @@ impl std::fmt::Debug for DomainMemory {
     }
 }
 
-/// Guest-physical address of the page-table pool for a given RAM size.
-pub fn pool_gpa_for(ram_bytes: u64) -> u64 {
-    ram_bytes.div_ceil(layout::PT_POOL_ALIGN) * layout::PT_POOL_ALIGN
-}
+pub use crate::gpa::pool_gpa_for;
 
 impl DomainMemory {
     /// Creates RAM of `ram_bytes` and a page-table pool of `pool_frames` frames.
@@ -205,20 +202,6 @@ fn create_memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(MemoryError::Memfd)?;
     Ok(file)
-}
-
-/// The page-table pool of a domain's memory, as the PV MMU validator sees it.
-pub struct PoolAccess<'a>(pub &'a DomainMemory);
-
-impl crate::mmu::PtMemory for PoolAccess<'_> {
-    fn read_pte(&self, gpa: u64) -> u64 {
-        // The validator only asks for aligned entries inside the pool.
-        self.0.mem.read_obj::<u64>(GuestAddress(gpa)).unwrap_or(0)
-    }
-
-    fn write_pte(&mut self, gpa: u64, val: u64) {
-        let _ = self.0.mem.write_obj::<u64>(val, GuestAddress(gpa));
-    }
 }
 
 #[cfg(test)]

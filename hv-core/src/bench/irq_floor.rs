@@ -180,7 +180,8 @@ fn floor_vm(kvm: &Kvm, main: &[u8]) -> Result<FloorVm, BenchError> {
         .map_err(kvm_err("set GSI routing"))?;
 
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
-    let supported = crate::cpuid::supported_cached(kvm)?;
+    let supported =
+        crate::cpuid::supported_cached(kvm).map_err(crate::domain::DomainError::from)?;
     // KVM's table with CPUID.1:ECX.x2APIC set (and hv's leaves, which this guest ignores).
     let cpuid = crate::cpuid::build(&supported, 0, crate::FEATURES)
         .map_err(|e| upcall_err(UpcallError::Table(e)))?;

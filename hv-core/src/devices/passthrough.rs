@@ -28,7 +28,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hv_abi::{layout, PAGE_SIZE};
+use hv_abi::PAGE_SIZE;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use thiserror::Error;
@@ -43,8 +43,6 @@ pub const MAX_REGIONS: usize = 8;
 /// KVM memslot of a domain's first region (0-2 are RAM, the pool and the grant
 /// window); region `i` uses `FIRST_SLOT + i`.
 pub const FIRST_SLOT: u32 = 3;
-/// Alignment of each region's guest-physical address.
-pub const REGION_ALIGN: u64 = 2 << 20;
 
 /// Errors of passthrough regions.
 #[derive(Debug, Error)]
@@ -212,19 +210,7 @@ pub fn check_exclusive<'a>(
     Ok(())
 }
 
-/// Guest-physical addresses of regions of `sizes` bytes for a domain whose page-table
-/// pool ends at `pool_end` (after the grant window, each 2 MiB-aligned).
-pub fn region_gpas(pool_end: u64, sizes: &[u64]) -> Vec<u64> {
-    let mut next = crate::grant::window_gpa_for(pool_end) + crate::grant::WINDOW_BYTES;
-    sizes
-        .iter()
-        .map(|s| {
-            let gpa = next.div_ceil(REGION_ALIGN) * REGION_ALIGN;
-            next = gpa + s;
-            gpa
-        })
-        .collect()
-}
+pub use crate::gpa::{first_region_gpa, region_gpas, REGION_ALIGN};
 
 /// A region's file, mapped shared into hv. Dropping it syncs and unmaps the file and
 /// releases its lock.
@@ -714,14 +700,6 @@ fn remove_memslot(vm: &VmFd, a: Attached) {
     drop(a);
 }
 
-/// The start of the first region for a pool ending at `pool_end` (for tests and the
-/// layout description).
-pub fn first_region_gpa(pool_end: u64) -> u64 {
-    region_gpas(pool_end, &[PAGE_SIZE])[0]
-}
-
-const _: () = assert!(layout::GRANT_WINDOW_ALIGN == REGION_ALIGN);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -743,9 +721,9 @@ mod tests {
     #[test]
     fn gpas_follow_the_window() {
         let pool_end = (64 << 20) + 300 * PAGE_SIZE;
-        let w = crate::grant::window_gpa_for(pool_end);
+        let w = crate::gpa::window_gpa_for(pool_end);
         let g = region_gpas(pool_end, &[PAGE_SIZE, 3 << 20, 2 << 20]);
-        assert_eq!(g[0], w + crate::grant::WINDOW_BYTES);
+        assert_eq!(g[0], w + crate::gpa::WINDOW_BYTES);
         assert_eq!(g[1], g[0] + REGION_ALIGN);
         assert_eq!(g[2], g[1] + (4 << 20));
         assert!(g.iter().all(|g| g % REGION_ALIGN == 0));

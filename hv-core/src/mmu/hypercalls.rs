@@ -12,7 +12,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::PtMemory;
 use crate::domain::DomainShared;
-use crate::memory::PoolAccess;
+use crate::mmu::PoolAccess;
 
 /// Most requests or operations in one call.
 pub const MAX_BATCH: u64 = 2048;

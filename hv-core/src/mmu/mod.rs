@@ -37,7 +37,7 @@ pub trait PtMemory {
 
 /// A page-table pool held in a plain vector, for benchmarks, fuzzing and tests of the
 /// validator without a domain (the hypervisor itself uses
-/// [`crate::memory::PoolAccess`]). Addresses outside the pool read as 0 and are not
+/// [`PoolAccess`]). Addresses outside the pool read as 0 and are not
 /// written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlatPool {
@@ -412,6 +412,30 @@ impl Mmu {
                 .unwrap_or(Target::NotPresent);
             self.put_ref(mem, t);
         }
+    }
+}
+
+/// The page-table pool of a domain's memory, as the PV MMU validator sees it.
+#[derive(Debug)]
+pub struct PoolAccess<'a>(pub &'a crate::memory::DomainMemory);
+
+use vm_memory::Bytes as _;
+
+impl PtMemory for PoolAccess<'_> {
+    // vm-memory's `Bytes` gives the typed accesses.
+    fn read_pte(&self, gpa: u64) -> u64 {
+        // The validator only asks for aligned entries inside the pool.
+        self.0
+            .guest_memory()
+            .read_obj::<u64>(vm_memory::GuestAddress(gpa))
+            .unwrap_or(0)
+    }
+
+    fn write_pte(&mut self, gpa: u64, val: u64) {
+        let _ = self
+            .0
+            .guest_memory()
+            .write_obj::<u64>(val, vm_memory::GuestAddress(gpa));
     }
 }
 
