@@ -13,10 +13,22 @@ use hv_core::outcome::{EXIT_INTERNAL, EXIT_USAGE};
 use hv_core::signals::ShutdownSignals;
 use hv_core::{bench, cli, domain, ConsoleSink, DomainConfig, DomainError, KernelImage};
 
+/// What `hv version` and `hv --version` print: hv's version, the ABI version and the
+/// feature bits this build implements.
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (ABI {}.{}, features {})",
+        env!("CARGO_PKG_VERSION"),
+        hv_abi::ABI_MAJOR,
+        hv_abi::ABI_MINOR,
+        hv_core::FEATURES
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "hv",
-    version,
+    version = VERSION.as_str(),
     about = "hv: a paravirtual hypervisor on KVM",
     after_help = "Examples:\n  hv run                        run the embedded demo kernel\n  hv run kernel.elf --mem 128M --vcpus 2 --cmdline 'quiet' --stats\n  hv run kernel.elf --disk disk.img,size=64M --console-input -   a PV disk, console input from stdin\n  hv run --config examples/pingpong.toml   several domains from a TOML file\n  hv version                    ABI version and features\n  hv bench --json               all benchmarks, as JSON\n  hv bench null_hypercall exit_floor\n  hv bench density --domains 200   density with 200 idle domains\n\nExit status of `hv run`: the guest's poweroff code (0-99); 0 on a reboot request;\n100 if the domain crashed; 2 for bad arguments or a refused kernel; 1 for an\ninternal error or a host fault (e.g. a passthrough file that cannot be backed); 128+N when stopped by signal N (130 SIGINT, 143 SIGTERM: every\ndomain is stopped, the summary printed). With --config: 100 if any domain crashed, else 1 if one could not run or hit a host\nfault, else the first non-zero poweroff code in file order, else 0. Set RUST_LOG (for example RUST_LOG=hv_core=debug) for traces."
 )]
@@ -95,6 +107,8 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, not in logs and pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -165,13 +179,7 @@ fn main() -> ExitCode {
             run(kernel, config, stats, signals.as_ref())
         }
         Command::Version => {
-            println!(
-                "hv {} (ABI {}.{}, features {})",
-                env!("CARGO_PKG_VERSION"),
-                hv_abi::ABI_MAJOR,
-                hv_abi::ABI_MINOR,
-                hv_core::FEATURES
-            );
+            println!("hv {}", *VERSION);
             0
         }
         Command::Bench {

@@ -216,6 +216,17 @@ fn version_and_help() {
     let out = hv(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).contains("Examples"));
+    // `hv --version` says the same as `hv version`.
+    let long = hv(&["--version"]);
+    assert_eq!(long.status.code(), Some(0));
+    assert_eq!(text(&long.stdout), text(&hv(&["version"]).stdout));
+    // Logs to a pipe carry no ANSI colour codes.
+    let out = Command::new(env!("CARGO_BIN_EXE_hv"))
+        .args(["run", "/nonexistent/kernel.elf"])
+        .env("RUST_LOG", "hv_core=debug")
+        .output()
+        .expect("run hv");
+    assert!(!text(&out.stderr).contains('\x1b'), "{}", text(&out.stderr));
 }
 
 #[test]
