@@ -38,7 +38,7 @@ pub enum LoadError {
     #[error("ELF machine is {0}, expected x86-64 ({em})", em = elf::EM_X86_64)]
     WrongMachine(u16),
     /// e_type is not ET_EXEC.
-    #[error("ELF type is {0}, expected an executable (ET_EXEC = 2); position-independent kernels are not supported")]
+    #[error("ELF type is {0}, expected an executable (ET_EXEC = 2); position-independent kernels are not supported{hint}", hint = if *.0 == 3 { " (this is ET_DYN: link with guest-sdk's link.ld and --no-pie, SPEC 3.2)" } else { "" })]
     NotExecutable(u16),
     /// Too many program headers.
     #[error("ELF has {0} program headers; the limit is {MAX_PHDRS}")]

@@ -54,7 +54,7 @@ enum Command {
             ]
         )]
         config: Option<PathBuf>,
-        /// Guest RAM: bytes or with a K/M/G suffix.
+        /// Guest RAM: bytes or with a K/M/G suffix; a multiple of 4 KiB from 2M to 256G.
         #[arg(long, default_value = "64M", value_parser = cli::parse_size)]
         mem: u64,
         /// Number of vCPUs (1-32).
@@ -91,9 +91,11 @@ enum Command {
     Bench {
         /// Benchmarks to run (all if none): exit_floor, null_hypercall, kvm_create_floor,
         /// domain_boot, mmu_trapped_write, mmu_batch_512, irq_floor, evtchn_pingpong,
-        /// evtchn_pingpong_poll, memcpy_4k, grant_copy_4k, grant_map_unmap, density
-        /// (density boots --domains idle demo domains of 4 MiB, ~10 s for 1000, and
-        /// reports its density_* rows).
+        /// evtchn_pingpong_poll, memcpy_4k, grant_copy_4k, grant_map_unmap,
+        /// blk_host_seq_write, blk_passthrough_seq_write, blk_pv_seq_write,
+        /// blk_emulated_seq_write, blk_host_4k_iops, blk_pv_4k_iops, density (density
+        /// boots --domains idle demo domains of 4 MiB, ~10 s for 1000, and reports its
+        /// density_* rows).
         names: Vec<String>,
         /// Print one JSON object instead of a table.
         #[arg(long)]

@@ -216,6 +216,12 @@ fn version_and_help() {
     let out = hv(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).contains("Examples"));
+    // `hv bench --help` names every row, `hv run --help` the RAM range.
+    let bench_help = text(&hv(&["bench", "--help"]).stdout).replace(['\n', ' '], "");
+    for name in hv_core::bench::ALL {
+        assert!(bench_help.contains(name), "{name} missing from hv bench --help");
+    }
+    assert!(text(&hv(&["run", "--help"]).stdout).contains("from 2M to 256G"));
     // `hv --version` says the same as `hv version`.
     let long = hv(&["--version"]);
     assert_eq!(long.status.code(), Some(0));

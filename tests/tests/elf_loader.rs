@@ -68,8 +68,12 @@ fn not_executable() {
     let mut e = guest();
     set_u16(&mut e, 16, 3); // ET_DYN
     assert_eq!(refused(&e), LoadError::NotExecutable(3));
+    // A position-independent kernel is told how to link.
+    let msg = refused(&e).to_string();
+    assert!(msg.contains("link.ld") && msg.contains("--no-pie"), "{msg}");
     set_u16(&mut e, 16, 1); // ET_REL
     assert_eq!(refused(&e), LoadError::NotExecutable(1));
+    assert!(!refused(&e).to_string().contains("--no-pie"));
 }
 
 #[test]
