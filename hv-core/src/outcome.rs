@@ -291,6 +291,13 @@ impl fmt::Display for CrashReport {
                 s.gdt.base,
                 s.gdt.limit
             )?;
+            if self.reason == CrashReason::TripleFault && s.idt.limit == 0 {
+                writeln!(
+                    f,
+                    "  no IDT was loaded (limit 0): every exception ends in a triple fault; \
+                     load one to see which exception it was (SPEC 4.3)"
+                )?;
+            }
         }
         Ok(())
     }

@@ -382,7 +382,8 @@ impl Vcpu {
     fn crash(&mut self, dom: &DomainShared, reason: CrashReason) {
         let regs = self.fd.get_regs().ok();
         let sregs = self.fd.get_sregs().ok();
-        tracing::warn!(vcpu = self.id, %reason, rip = regs.map(|r| r.rip), "domain crashed");
+        // The report itself is printed by whoever ran the domain (`hv run`'s summary).
+        tracing::debug!(vcpu = self.id, %reason, rip = regs.map(|r| r.rip), "domain crashed");
         dom.finish(Outcome::Crash(Box::new(CrashReport {
             vcpu: self.id,
             reason,

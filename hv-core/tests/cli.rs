@@ -137,6 +137,9 @@ fn crash_exits_100_with_a_report() {
     assert_eq!(out.status.code(), Some(100));
     let err = text(&out.stderr);
     assert!(err.contains("crashed") && err.contains("crash"), "{err}");
+    // The report is printed once: no WARN log line repeats it.
+    assert!(!err.contains("WARN"), "{err}");
+    assert_eq!(err.matches("reported a crash").count(), 1, "{err}");
 }
 
 #[test]

@@ -258,6 +258,8 @@ fn triple_fault_crashes_the_domain_with_a_report() {
     let c = run.report.outcome.crash().unwrap();
     assert!(c.regs.is_some() && c.sregs.is_some());
     assert!(c.to_string().contains("rip"), "{c}");
+    // The guest had loaded an empty IDT: the report says so.
+    assert!(c.to_string().contains("no IDT was loaded"), "{c}");
     assert_eq!(run.report.stats.exits_of(ExitKind::Shutdown), 1);
 }
 
