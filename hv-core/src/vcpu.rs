@@ -375,6 +375,21 @@ impl Vcpu {
         };
         self.stats
             .hypercall(call.op, ok, t0.elapsed().as_nanos() as u64);
+        if let Disposition::Return(v) = d {
+            if v < 0 {
+                // Which call failed and why, by name (RUST_LOG=hv_core=debug).
+                let op = hv_abi::Op::from_u64(call.op).map(|o| format!("{o:?}"));
+                let errno = hv_abi::Errno::from_ret(v);
+                tracing::debug!(
+                    vcpu = self.id,
+                    op = op.as_deref().unwrap_or("unknown"),
+                    nr = call.op,
+                    cmd = call.args[0],
+                    errno = errno.map_or("?", |e| e.name()),
+                    "hypercall failed"
+                );
+            }
+        }
         tracing::trace!(op = call.op, ?d, "hypercall");
         d
     }

@@ -143,6 +143,38 @@ fn crash_exits_100_with_a_report() {
 }
 
 #[test]
+fn debug_logs_name_each_failing_hypercall() {
+    if !kvm_available() {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_hv"))
+        .arg("run")
+        .arg(test_guest())
+        .args(["--cmdline", "scenario=hypercalls"])
+        .env("RUST_LOG", "hv_core=debug")
+        .output()
+        .expect("run hv");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let log = text(&out.stderr);
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hypercall failed"))
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|l| l.contains("op=\"Version\"") && l.contains("errno=\"EINVAL\"")),
+        "{log}"
+    );
+    assert!(
+        failed
+            .iter()
+            .any(|l| l.contains("op=\"unknown\"") && l.contains("errno=\"ENOSYS\"")),
+        "{log}"
+    );
+}
+
+#[test]
 fn stats_are_printed_on_request() {
     if !kvm_available() {
         return;
@@ -222,7 +254,10 @@ fn version_and_help() {
     // `hv bench --help` names every row, `hv run --help` the RAM range.
     let bench_help = text(&hv(&["bench", "--help"]).stdout).replace(['\n', ' '], "");
     for name in hv_core::bench::ALL {
-        assert!(bench_help.contains(name), "{name} missing from hv bench --help");
+        assert!(
+            bench_help.contains(name),
+            "{name} missing from hv bench --help"
+        );
     }
     assert!(text(&hv(&["run", "--help"]).stdout).contains("from 2M to 256G"));
     // `hv --version` says the same as `hv version`.
