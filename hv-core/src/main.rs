@@ -104,6 +104,14 @@ enum Command {
         #[arg(long, default_value_t = bench::DENSITY_DOMAINS)]
         domains: usize,
     },
+    /// Print a shell completion script for hv (e.g. `hv completions bash >
+    /// /etc/bash_completion.d/hv`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print hv's manual page (roff), e.g. `hv man | man -l -`.
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -183,6 +191,21 @@ fn main() -> ExitCode {
         Command::Version => {
             println!("hv {}", *VERSION);
             0
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "hv", &mut std::io::stdout());
+            0
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("hv: cannot write the manual page: {e}");
+                    EXIT_INTERNAL
+                }
+            }
         }
         Command::Bench {
             names,

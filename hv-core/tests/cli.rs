@@ -260,6 +260,27 @@ fn version_and_help() {
         );
     }
     assert!(text(&hv(&["run", "--help"]).stdout).contains("from 2M to 256G"));
+    // Shell completions (bash: syntax-checked by bash itself) and the manual page.
+    let out = hv(&["completions", "bash"]);
+    assert_eq!(out.status.code(), Some(0));
+    let script = std::env::temp_dir().join(format!("hv-completion-{}.bash", std::process::id()));
+    std::fs::write(&script, &out.stdout).unwrap();
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("bash");
+    let _ = std::fs::remove_file(&script);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(text(&out.stdout).contains("--console-input"));
+    for shell in ["zsh", "fish"] {
+        assert_eq!(hv(&["completions", shell]).status.code(), Some(0));
+    }
+    let man = text(&hv(&["man"]).stdout);
+    assert!(
+        man.starts_with(".ie") && man.contains(".TH hv 1") && man.contains("bench"),
+        "{man}"
+    );
     // `hv --version` says the same as `hv version`.
     let long = hv(&["--version"]);
     assert_eq!(long.status.code(), Some(0));
