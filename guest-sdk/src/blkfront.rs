@@ -2,16 +2,32 @@
 //! [`FrontRing`]`<`[`Blkif`]`>`, data in pages granted to the back-end, notifications over
 //! an event channel. Needs the `pv_block`, `dev_op`, `gnttab` and `evtchn` features.
 //!
-//! ```ignore
-//! let devices = DeviceTable::from_start_info(si).unwrap();
-//! let grants = GrantTable::from_start_info(si).unwrap();
-//! let dev = devices.first(DEV_PV_BLOCK).unwrap();
-//! // SAFETY: RING and BUF are pages used for nothing else.
-//! let mut blk = unsafe { Blkfront::connect(devices, dev.index, grants, RING, 10) }?;
-//! let bufs = unsafe { IoBuffers::grant(grants, blk.backend(), BUF, 11, 20, false) }?;
-//! bufs.view().copy_from(0, &data)?;
-//! blk.write(0, &Segment::whole_pages(0, 11), &bufs)?;
-//! blk.flush()?;
+//! ```no_run
+//! use guest_sdk::blkfront::{BlkError, Blkfront, IoBuffers, Segment};
+//! use guest_sdk::devices::{DeviceTable, DEV_PV_BLOCK};
+//! use guest_sdk::grant::GrantTable;
+//! use guest_sdk::StartInfo;
+//!
+//! /// Writes `data` (at most 11 pages) to sector 0 of the first PV disk and flushes.
+//! /// `ring` and `buf` are page-aligned pages of RAM used for nothing else.
+//! fn write_first_disk(
+//!     si: &StartInfo,
+//!     ring: *mut u8,
+//!     buf: *mut u8,
+//!     data: &[u8],
+//! ) -> Result<(), BlkError> {
+//!     let devices = DeviceTable::from_start_info(si).expect("a device table");
+//!     let grants = GrantTable::from_start_info(si).expect("grant tables");
+//!     let dev = devices.first(DEV_PV_BLOCK).expect("a PV disk");
+//!     // SAFETY: `ring` and `buf` are pages used for nothing else; grant references
+//!     // 10 and 11..=21 are free.
+//!     let mut blk = unsafe { Blkfront::connect(devices, dev.index, grants, ring, 10) }?;
+//!     let bufs = unsafe { IoBuffers::grant(grants, blk.backend(), buf, 11, 11, false) }?;
+//!     bufs.view().copy_from(0, data).expect("data fits in the buffers");
+//!     let (segs, n) = Segment::whole_pages(0, 11);
+//!     blk.write(0, &segs[..n], &bufs)?;
+//!     blk.flush()
+//! }
 //! ```
 //!
 //! The ring index logic is `hv_abi::ring`'s; this module adds the handshake (grant the

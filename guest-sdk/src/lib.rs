@@ -5,7 +5,7 @@
 //! scripts find in the `DEP_HV_GUEST_SDK_LINKER_SCRIPT` environment variable). A
 //! minimal kernel:
 //!
-//! ```ignore
+//! ```text
 //! #![no_std]
 //! #![no_main]
 //!
@@ -19,6 +19,10 @@
 //!     guest_sdk::poweroff(0)
 //! }
 //! ```
+//!
+//! (Shown as text because a kernel binary cannot be a host doctest: it is
+//! `examples/guest-template/src/main.rs`, which the test suite builds outside the
+//! workspace and runs on hv.)
 //!
 //! # Layers
 //!

@@ -28,9 +28,12 @@ pub fn report_panic(info: &PanicInfo<'_>) -> ! {
 /// Defines the kernel's `#[panic_handler]` as [`report_panic`]. Invoke it once, at
 /// the root of a `no_std` kernel binary:
 ///
-/// ```ignore
+/// ```text
 /// guest_sdk::panic_handler!();
 /// ```
+///
+/// (A `#[panic_handler]` cannot be defined in a host doctest; the guest template,
+/// `examples/guest-template`, uses this macro and is built and run by the test suite.)
 #[macro_export]
 macro_rules! panic_handler {
     () => {

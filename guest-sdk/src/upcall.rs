@@ -2,10 +2,21 @@
 //! registers with `vcpu_op(VCPUOP_SET_UPCALL_VECTOR)`, whose handler runs
 //! [`evtchn::dispatch`] and ends with the x2APIC EOI.
 //!
-//! ```ignore
-//! guest_sdk::evtchn::set_handler(port, on_event)?;
-//! guest_sdk::upcall::install(guest_sdk::upcall::DEFAULT_VECTOR)?;
-//! guest_sdk::upcall::enable_interrupts();
+//! ```no_run
+//! use guest_sdk::evtchn::{self, Port};
+//! use guest_sdk::upcall;
+//!
+//! fn on_event(port: Port) {
+//!     // runs in the upcall interrupt, with interrupts off
+//!     let _ = port;
+//! }
+//!
+//! fn take_events_on(port: Port) -> Result<(), guest_sdk::Error> {
+//!     evtchn::set_handler(port, on_event)?;
+//!     upcall::install(upcall::DEFAULT_VECTOR)?;
+//!     upcall::enable_interrupts();
+//!     Ok(())
+//! }
 //! ```
 //!
 //! The gate saves every caller-saved general-purpose register (guests are soft-float:
