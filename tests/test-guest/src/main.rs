@@ -25,6 +25,7 @@
 //! | `unpin-vcpus` | (2 vCPUs) which roots vCPUs hold: `unpin_boot_v1_down=`, `init_unpinned=`, `unpin_initialised=`, ... (see `mmu.rs`) |
 //! | `emu-blk`, `emu-errors`, `uart`, `pt`, `pt-spin`, `pt-fill` | emulated devices and passthrough (see `emu.rs`) |
 //! | `blk`, `blk-overflow`, `blk-flush`, `blk-idle`, `pvcons` | PV block and PV console back-ends (see `blk.rs`) |
+//! | `soak` | `seed=N calls=M ring3=0\|1`: random hypercalls with biased arguments (see `soak.rs`) |
 //! | anything else | `unknown scenario`, exit code 3 |
 //!
 //! A scenario meant to end the domain from the host side that comes back prints
@@ -38,6 +39,7 @@ mod evtchn;
 mod grant;
 mod mmu;
 mod shutdown_codes;
+mod soak;
 
 use core::cell::UnsafeCell;
 use core::hint::spin_loop;
@@ -112,6 +114,7 @@ fn main(si: &'static StartInfo) -> ! {
         b"pt" => emu::pt(si),
         b"pt-spin" => emu::pt_spin(si),
         b"pt-fill" => emu::pt_fill(si),
+        b"soak" => soak::soak(si),
         b"cmdline" => {
             let mut c = Console::new();
             c.write_bytes(b"cmdline=");
