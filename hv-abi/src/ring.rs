@@ -47,10 +47,15 @@ pub struct RingHeader {
 /// Largest power of two `n` with `RING_HEADER_SIZE + n * slot_size <= 4096`
 /// (0 if not even one slot fits).
 pub const fn ring_entries(slot_size: usize) -> u32 {
-    if slot_size == 0 || slot_size > PAGE_SIZE as usize - RING_HEADER_SIZE {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "PAGE_SIZE is 4096, which fits every usize"
+    )]
+    const PAGE: usize = PAGE_SIZE as usize;
+    if slot_size == 0 || slot_size > PAGE - RING_HEADER_SIZE {
         return 0;
     }
-    let n = (PAGE_SIZE as usize - RING_HEADER_SIZE) / slot_size;
+    let n = (PAGE - RING_HEADER_SIZE) / slot_size;
     1 << (usize::BITS - 1 - n.leading_zeros())
 }
 
@@ -425,10 +430,10 @@ mod tests {
         let mut b = BackRing::<P>::attach(bp);
         let mut notifies = 0;
         for round in 0u64..300 {
-            for k in 0..3 {
+            for k in 0u8..3 {
                 assert!(f.put_request(&Req {
-                    id: round * 3 + k,
-                    v: [k as u8; 24]
+                    id: round * 3 + u64::from(k),
+                    v: [k; 24]
                 }));
             }
             if f.push_requests() {

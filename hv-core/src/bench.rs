@@ -426,7 +426,10 @@ pub fn hypercall_loop_code(n: u64) -> Vec<u8> {
     c.extend_from_slice(&[0xB8]); // mov eax, imm32
     c.extend_from_slice(&(Op::Version as u32).to_le_bytes());
     c.extend_from_slice(&[0x31, 0xFF]); // xor edi, edi
-    c.extend_from_slice(&[0xE6, hv_abi::hypercall::HYPERCALL_PORT as u8]); // out port, al
+    c.extend_from_slice(&[
+        0xE6,
+        const { crate::conv::imm8(hv_abi::hypercall::HYPERCALL_PORT as u64) },
+    ]); // out port, al
     c.extend_from_slice(&[0x48, 0xFF, 0xC9]); // dec rcx
     c.extend_from_slice(&[0x75, 0xF2]); // jnz loop (-14)
     c.extend_from_slice(&shutdown_code());
@@ -437,7 +440,12 @@ pub fn hypercall_loop_code(n: u64) -> Vec<u8> {
 pub fn boot_probe_code() -> Vec<u8> {
     let mut c = vec![0xB8];
     c.extend_from_slice(&(Op::Version as u32).to_le_bytes());
-    c.extend_from_slice(&[0x31, 0xFF, 0xE6, hv_abi::hypercall::HYPERCALL_PORT as u8]);
+    c.extend_from_slice(&[
+        0x31,
+        0xFF,
+        0xE6,
+        const { crate::conv::imm8(hv_abi::hypercall::HYPERCALL_PORT as u64) },
+    ]);
     c.extend_from_slice(&shutdown_code());
     c
 }
@@ -446,9 +454,14 @@ pub(crate) fn shutdown_code() -> Vec<u8> {
     let mut c = vec![0xB8];
     c.extend_from_slice(&(Op::SchedOp as u32).to_le_bytes());
     c.push(0xBF); // mov edi, SCHEDOP_SHUTDOWN
-    c.extend_from_slice(&(hv_abi::sched::SCHEDOP_SHUTDOWN as u32).to_le_bytes());
+    c.extend_from_slice(
+        &const { crate::conv::imm32(hv_abi::sched::SCHEDOP_SHUTDOWN) }.to_le_bytes(),
+    );
     c.extend_from_slice(&[0x31, 0xF6, 0x31, 0xD2]); // xor esi, esi; xor edx, edx
-    c.extend_from_slice(&[0xE6, hv_abi::hypercall::HYPERCALL_PORT as u8]);
+    c.extend_from_slice(&[
+        0xE6,
+        const { crate::conv::imm8(hv_abi::hypercall::HYPERCALL_PORT as u64) },
+    ]);
     c.push(0xF4); // hlt (not reached)
     c
 }
@@ -567,7 +580,7 @@ pub fn kvm_create_floor_once(kvm: &Kvm) -> Result<f64, BenchError> {
     {
         let t0 = Instant::now();
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        let size = BENCH_MEM as usize;
+        let size = crate::conv::usize_from(BENCH_MEM);
         // SAFETY: an anonymous private mapping with no address hint; checked below.
         let host = unsafe {
             libc::mmap(
@@ -589,7 +602,7 @@ pub fn kvm_create_floor_once(kvm: &Kvm) -> Result<f64, BenchError> {
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     code.as_ptr(),
-                    (host as *mut u8).add(PAGE_SIZE as usize),
+                    (host as *mut u8).add(crate::conv::usize_from(PAGE_SIZE)),
                     code.len(),
                 )
             };
@@ -646,11 +659,14 @@ fn batch_code(n: u64) -> Vec<u8> {
     c.push(0xB8); // mov eax, mmu_update
     c.extend_from_slice(&(Op::MmuUpdate as u32).to_le_bytes());
     c.push(0xBF); // mov edi, MMU_REQS
-    c.extend_from_slice(&(MMU_REQS as u32).to_le_bytes());
+    c.extend_from_slice(&const { crate::conv::imm32(MMU_REQS) }.to_le_bytes());
     c.push(0xBE); // mov esi, 512
     c.extend_from_slice(&512u32.to_le_bytes());
     c.extend_from_slice(&[0x31, 0xD2]); // xor edx, edx
-    c.extend_from_slice(&[0xE6, hv_abi::hypercall::HYPERCALL_PORT as u8]);
+    c.extend_from_slice(&[
+        0xE6,
+        const { crate::conv::imm8(hv_abi::hypercall::HYPERCALL_PORT as u64) },
+    ]);
     c.extend_from_slice(&[0x48, 0xFF, 0xC9]); // dec rcx
     c.extend_from_slice(&[0x75, 0xE8]); // jnz loop (-24)
     c.extend_from_slice(&shutdown_code());
@@ -668,7 +684,7 @@ fn trapped_code(n: u64) -> Vec<u8> {
     ];
     c.extend_from_slice(&n.to_le_bytes());
     c.extend_from_slice(&[0x48, 0x8B, 0x34, 0x25]); // mov rsi, [MMU_HDR]
-    c.extend_from_slice(&(MMU_HDR as u32).to_le_bytes());
+    c.extend_from_slice(&const { crate::conv::imm32(MMU_HDR) }.to_le_bytes());
     c.extend_from_slice(&[0x31, 0xDB]); // xor ebx, ebx
     c.extend_from_slice(&[
         0x48, 0x8B, 0x14, 0x1E, // loop: mov rdx, [rsi + rbx]

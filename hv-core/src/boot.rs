@@ -190,8 +190,9 @@ impl PtBuilder {
     fn child(&mut self, table: usize, index: usize) -> usize {
         let e = self.frames[table][index];
         if e & PTE_P != 0 {
-            return ((e & hv_abi::mmu::PTE_ADDR_MASK) - self.pool_gpa) as usize
-                / PAGE_SIZE as usize;
+            return crate::conv::usize_from(
+                ((e & hv_abi::mmu::PTE_ADDR_MASK) - self.pool_gpa) / PAGE_SIZE,
+            );
         }
         self.frames.push([0; ENTRIES]);
         let idx = self.frames.len() - 1;
@@ -289,7 +290,7 @@ pub fn build_page_tables_with(
     }
     // Frame by frame, with no second copy of the tables; the pool starts zeroed, so
     // empty tables (those of the grant window) need no write.
-    let mut bytes = [0u8; PAGE_SIZE as usize];
+    let mut bytes = [0u8; crate::conv::usize_from(PAGE_SIZE)];
     for (i, f) in b.frames.iter().enumerate() {
         if f.iter().all(|e| *e == 0) {
             continue;
@@ -334,15 +335,15 @@ pub fn write_gdt_tss(mem: &DomainMemory) -> Result<(), BootError> {
         gdt.extend_from_slice(&e.to_le_bytes());
     }
     mem.write_ram(layout::GDT_GPA, &gdt)?;
-    let mut tss = [0u8; TSS_SIZE as usize];
+    let mut tss = [0u8; crate::conv::usize_from(TSS_SIZE)];
     tss[4..12].copy_from_slice(&layout::BOOT_STACK_TOP.to_le_bytes()); // rsp0
-    tss[102..104].copy_from_slice(&(TSS_BASE_SIZE as u16).to_le_bytes()); // I/O map base
-                                                                          // I/O permission bitmap: every port denied (bit set) except the hypercall port,
-                                                                          // so a hypercall from CPL 3 reaches hv (which refuses it unless the domain allows
-                                                                          // user hypercalls) instead of faulting in the guest. Ports past the bitmap are
-                                                                          // denied by the CPU.
+    tss[102..104].copy_from_slice(&const { crate::conv::imm16(TSS_BASE_SIZE) }.to_le_bytes()); // I/O map base
+                                                                                               // I/O permission bitmap: every port denied (bit set) except the hypercall port,
+                                                                                               // so a hypercall from CPL 3 reaches hv (which refuses it unless the domain allows
+                                                                                               // user hypercalls) instead of faulting in the guest. Ports past the bitmap are
+                                                                                               // denied by the CPU.
     let port = hv_abi::hypercall::HYPERCALL_PORT as usize;
-    let iomap = &mut tss[TSS_BASE_SIZE as usize..];
+    let iomap = &mut tss[crate::conv::usize_from(TSS_BASE_SIZE)..];
     iomap.fill(0xFF);
     iomap[port / 8] &= !(1 << (port % 8));
     mem.write_ram(layout::TSS_GPA, &tss)?;
@@ -399,7 +400,8 @@ pub fn write_start_info(
         si.grant_window_frames = layout::GRANT_WINDOW_FRAMES;
         si.grant_window_gpa = crate::gpa::window_gpa_for(mem.pool_end());
     }
-    si.cmdline_len = p.cmdline.len() as u32;
+    si.cmdline_len = u32::try_from(p.cmdline.len())
+        .map_err(|_| crate::params::ParamError::CmdlineTooLong(p.cmdline.len()))?;
     si.cmdline[..p.cmdline.len()].copy_from_slice(p.cmdline.as_bytes());
     mem.write_obj(layout::START_INFO_GPA, &si)?;
     Ok(())
@@ -448,7 +450,7 @@ pub fn boot_sregs(mut s: kvm_sregs, cr3: u64) -> kvm_sregs {
     s.gs = d;
     s.tr = kvm_segment {
         base: layout::TSS_GPA,
-        limit: (TSS_SIZE - 1) as u32,
+        limit: const { crate::conv::imm16(TSS_SIZE - 1) }.into(),
         selector: layout::SEL_TSS,
         type_: 11, // busy 64-bit TSS
         present: 1,
@@ -456,7 +458,7 @@ pub fn boot_sregs(mut s: kvm_sregs, cr3: u64) -> kvm_sregs {
         ..Default::default()
     };
     s.gdt.base = layout::GDT_GPA;
-    s.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
+    s.gdt.limit = const { crate::conv::imm16(GDT_ENTRIES as u64 * 8 - 1) };
     s.idt.base = 0;
     s.idt.limit = 0;
     s.cr0 = BOOT_CR0;
@@ -672,7 +674,7 @@ mod tests {
     fn tss_io_bitmap_allows_only_the_hypercall_port() {
         let mem = DomainMemory::new("t", 4 << 20, 8).unwrap();
         write_gdt_tss(&mem).unwrap();
-        let mut tss = [0u8; TSS_SIZE as usize];
+        let mut tss = [0u8; crate::conv::usize_from(TSS_SIZE)];
         mem.read_ram(layout::TSS_GPA, &mut tss).unwrap();
         let base = u16::from_le_bytes([tss[102], tss[103]]) as usize;
         let map = &tss[base..];

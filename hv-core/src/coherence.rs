@@ -105,7 +105,10 @@ fn probe(kvm: &Kvm) -> Result<bool, String> {
     let (pool, _) = boot::pool_frames_for(PROBE_MEM, 0);
     let mem = DomainMemory::new("probe", PROBE_MEM, pool).map_err(|e| e.to_string())?;
     let load = [0x48, 0x8B, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00]; // mov rax, [0x200000]
-    let out = [0xE6, hv_abi::hypercall::HYPERCALL_PORT as u8]; // out 0xE8, al
+    let out = [
+        0xE6,
+        const { crate::conv::imm8(hv_abi::hypercall::HYPERCALL_PORT as u64) },
+    ]; // out 0xE8, al
     let code: Vec<u8> = [&load[..], &out, &load, &out].concat();
     let w = |gpa, bytes: &[u8]| mem.write_ram(gpa, bytes).map_err(|e| e.to_string());
     w(layout::KERNEL_MIN_GPA, &code)?;
@@ -190,7 +193,7 @@ pub fn forget_frame(mem: &DomainMemory, gpa: u64) {
     unsafe {
         libc::madvise(
             host as *mut libc::c_void,
-            hv_abi::PAGE_SIZE as usize,
+            crate::conv::usize_from(hv_abi::PAGE_SIZE),
             libc::MADV_DONTNEED,
         );
     }

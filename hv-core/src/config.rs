@@ -975,7 +975,10 @@ mod tests {
             .map(|i| format!("[[domain]]\nname = \"d{i}\"\n"))
             .collect();
         let c = parse(&text).unwrap();
-        assert_eq!(c.domains.last().unwrap().domid, MAX_DOMAINS as u32);
+        assert_eq!(
+            c.domains.last().unwrap().domid,
+            u32::try_from(MAX_DOMAINS).unwrap()
+        );
     }
 
     #[test]

@@ -39,11 +39,16 @@ pub fn build(
         edx: d,
         ..Default::default()
     });
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "EBX carries the low 32 feature bits, ECX the high 32"
+    )]
+    let (ebx, ecx) = (features.bits() as u32, (features.bits() >> 32) as u32);
     entries.push(kvm_cpuid_entry2 {
         function: LEAF_VERSION,
         eax: packed_version(ABI_MAJOR, ABI_MINOR),
-        ebx: features.bits() as u32,
-        ecx: (features.bits() >> 32) as u32,
+        ebx,
+        ecx,
         edx: HYPERCALL_PORT as u32,
         ..Default::default()
     });

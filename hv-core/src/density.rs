@@ -18,6 +18,9 @@ use crate::outcome::Outcome;
 /// Errors of the density benchmark.
 #[derive(Debug, Error)]
 pub enum DensityError {
+    /// More domains than domain ids.
+    #[error("{0} domains: more than there are domain ids")]
+    TooMany(usize),
     /// A domain could not be created.
     #[error("creating domain {index}: {source}")]
     Create {
@@ -103,7 +106,14 @@ fn process_cpu() -> Duration {
         libc::getrusage(libc::RUSAGE_SELF, &mut ru);
         ru
     };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    // getrusage reports non-negative times with tv_usec < 1 000 000; anything else
+    // counts as zero.
+    let tv = |t: libc::timeval| {
+        Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_usec).unwrap_or(0).min(999_999) * 1000,
+        )
+    };
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
@@ -115,7 +125,7 @@ fn allocated_bytes(f: &std::fs::File) -> u64 {
         if libc::fstat(f.as_raw_fd(), &mut st) != 0 {
             return 0;
         }
-        st.st_blocks as u64 * 512
+        u64::try_from(st.st_blocks).unwrap_or(0) * 512
     }
 }
 
@@ -136,7 +146,7 @@ pub fn run(
     for i in 0..n {
         let config = DomainConfig {
             name: format!("idle{i}"),
-            domid: i as u32 + 1,
+            domid: u32::try_from(i + 1).map_err(|_| DensityError::TooMany(n))?,
             mem_bytes,
             cmdline: cmdline.into(),
             console: ConsoleSink::Discard,

@@ -321,7 +321,8 @@ impl DomainShared {
         crate::params::check_cmdline(&new)?;
         si.cmdline = [0; hv_abi::start_info::CMDLINE_MAX];
         si.cmdline[..new.len()].copy_from_slice(new.as_bytes());
-        si.cmdline_len = new.len() as u32;
+        si.cmdline_len = u32::try_from(new.len())
+            .map_err(|_| crate::params::ParamError::CmdlineTooLong(new.len()))?;
         self.mem.write_obj(layout::START_INFO_GPA, &si)?;
         Ok(())
     }
@@ -390,7 +391,9 @@ impl DomainShared {
                 let threads = self.threads.lock().map(|t| t.clone()).unwrap_or_default();
                 let Ok(st) = self.pause.lock() else { break };
                 threads.iter().enumerate().all(|(i, t)| {
-                    i as u32 == me || t.is_none() || st.parked.get(i).copied().unwrap_or(true)
+                    u32::try_from(i) == Ok(me)
+                        || t.is_none()
+                        || st.parked.get(i).copied().unwrap_or(true)
                 })
             };
             if all_parked || self.is_stopping() {
@@ -454,7 +457,7 @@ impl DomainShared {
     pub fn trapped_write(&self, vcpu: u32, gpa: u64, bytes: &[u8]) -> Result<(), CrashReason> {
         let refuse = |errno| CrashReason::PageTableWrite {
             gpa,
-            size: bytes.len() as u32,
+            size: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
             errno,
         };
         let mut mmu = self.mmu.lock().map_err(|_| refuse(hv_abi::Errno::EIO))?;

@@ -142,7 +142,7 @@ impl PortTable {
             None => return Err(Errno::ENOSPC),
         };
         self.ports[p] = Port { state, vcpu };
-        Ok(p as u32)
+        u32::try_from(p).map_err(|_| Errno::ENOSPC)
     }
 
     /// Port `p` (Free beyond the table's end).
@@ -320,7 +320,7 @@ impl EventChannels {
             nr_vcpus,
             table: Mutex::new(PortTable::new(nr_vcpus)),
             mem: mem.clone(),
-            shared_info: shared_info as usize,
+            shared_info: crate::conv::usize_from(shared_info),
             upcall,
         })
     }
@@ -353,7 +353,7 @@ impl EventChannels {
                     PortState::Host { .. } => SavedPort::Host,
                 };
                 Some(SavedPortEntry {
-                    port: port as u32,
+                    port: u32::try_from(port).ok()?,
                     vcpu: p.vcpu,
                     what,
                 })
@@ -879,8 +879,9 @@ impl EventChannels {
     /// Closes every port of a dying domain: interdomain peers become unbound.
     pub fn destroy(&self, peers: &dyn EvtchnPeers) {
         let ports: Vec<u32> = match self.lock() {
-            Ok(t) => (1..t.ports.len() as u32)
-                .filter(|p| t.at(*p as usize).state != PortState::Free)
+            Ok(t) => (1..t.ports.len())
+                .filter(|p| t.at(*p).state != PortState::Free)
+                .filter_map(|p| u32::try_from(p).ok())
                 .collect(),
             Err(_) => return,
         };

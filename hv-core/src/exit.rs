@@ -184,7 +184,7 @@ pub fn classify<'a>(exit: KvmExit<'a>, map: &impl MemoryMap, hypercall_port: u16
             ExitKind::Mmio,
             CrashReason::UnknownMmio {
                 gpa,
-                size: size as u32,
+                size: u32::try_from(size).unwrap_or(u32::MAX),
                 dir,
             },
         ),
@@ -201,7 +201,7 @@ pub fn classify<'a>(exit: KvmExit<'a>, map: &impl MemoryMap, hypercall_port: u16
             ExitKind::PortIo,
             CrashReason::UnknownPort {
                 port,
-                size: data.len() as u32,
+                size: u32::try_from(data.len()).unwrap_or(u32::MAX),
                 dir: "in",
             },
         ),

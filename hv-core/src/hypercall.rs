@@ -117,8 +117,8 @@ fn console_io(dom: &DomainShared, cmd: u64, len: u64, gpa: u64) -> HcResult {
             if len == 0 {
                 return Ok(0);
             }
-            let mut buf = [0u8; CONSOLE_WRITE_MAX as usize];
-            let buf = &mut buf[..len as usize];
+            let mut buf = [0u8; crate::conv::usize_from(CONSOLE_WRITE_MAX)];
+            let buf = &mut buf[..crate::conv::usize_from(len)];
             guest_arg::copy_in_bytes(&dom.mem, gpa, buf)?;
             dom.console.write(buf);
             Ok(len)

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod coherence;
 pub mod config;
 pub mod console;
+pub mod conv;
 pub mod cpuid;
 pub mod density;
 pub mod devices;
@@ -19,6 +20,9 @@ pub mod evtchn;
 pub mod exit;
 pub mod fdlimit;
 pub mod gpa;
+// TEMPORARY: grant.rs is being rewritten on another branch; its narrowing casts are
+// fixed there. Remove this allow when that rewrite lands.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 pub mod grant;
 pub mod guest_arg;
 pub mod hypercall;

@@ -35,7 +35,10 @@ pub fn sched_op(dom: &DomainShared, vcpu: u32, cmd: u64, reason: u64, code: u64)
                 return Sched::Done(Err(Errno::EINVAL));
             }
             let outcome = match reason {
-                SHUTDOWN_POWEROFF => Outcome::Poweroff { code: code as u8 },
+                SHUTDOWN_POWEROFF => match u8::try_from(code) {
+                    Ok(code) => Outcome::Poweroff { code },
+                    Err(_) => return Sched::Done(Err(Errno::EINVAL)),
+                },
                 SHUTDOWN_REBOOT => Outcome::Reboot,
                 SHUTDOWN_CRASH => Outcome::Crash(Box::new(CrashReport::without_regs(
                     vcpu,
@@ -78,7 +81,7 @@ fn poll(dom: &DomainShared, vcpu: u32, gpa: u64) -> Result<u64, Errno> {
         u64::from(p.nr_ports),
         u64::from(SCHED_POLL_MAX_PORTS),
     )?;
-    let nr = hv_abi::shared_info::NR_EVENT_CHANNELS as u32;
+    let nr = const { crate::conv::imm32(hv_abi::shared_info::NR_EVENT_CHANNELS as u64) };
     if ports.iter().any(|p| *p == 0 || *p >= nr) {
         return Err(Errno::EINVAL);
     }

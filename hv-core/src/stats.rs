@@ -107,7 +107,7 @@ impl ExitStats {
     #[inline]
     pub fn hypercall(&mut self, op: u64, ok: bool, ns: u64) {
         let b = if Op::from_u64(op).is_some() && op < OP_BUCKETS as u64 {
-            op as usize
+            crate::conv::usize_from(op)
         } else {
             0
         };

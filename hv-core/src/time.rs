@@ -70,7 +70,7 @@ impl DomainTime {
 
     /// System time now, in ns.
     pub fn now_ns(&self) -> u64 {
-        self.t0.elapsed().as_nanos() as u64
+        crate::conv::duration_ns(self.t0.elapsed())
     }
 
     /// The host instant of system time `ns`.
@@ -149,7 +149,7 @@ impl DomainTime {
         let _ = mem.write_obj(off(core::mem::offset_of!(SharedInfo, wc_version)), &1u32);
         let _ = mem.write_obj(
             off(core::mem::offset_of!(SharedInfo, wc_sec)),
-            &(secs as u32),
+            &u32::try_from(secs & u64::from(u32::MAX)).unwrap_or(0), // low 32 bits; wc_sec_hi below
         );
         let _ = mem.write_obj(
             off(core::mem::offset_of!(SharedInfo, wc_nsec)),
@@ -212,22 +212,28 @@ pub fn time_scale(ticks_per_sec: u64) -> (u32, i8) {
         tps >>= 1;
         shift -= 1;
     }
-    let mut tps32 = tps as u32;
+    // tps <= 2e9 < 2^32 after the loop above.
+    let mut tps32 = u32::try_from(tps).unwrap_or(u32::MAX);
     while tps32 as u64 <= NS {
         tps32 <<= 1;
         shift += 1;
     }
-    (((NS << 32) / u64::from(tps32)) as u32, shift)
+    // tps32 > NS here, so (NS << 32) / tps32 < 2^32.
+    (
+        u32::try_from((NS << 32) / u64::from(tps32)).unwrap_or(u32::MAX),
+        shift,
+    )
 }
 
 /// Scales a TSC delta to ns with a (multiplier, shift) pair (what guests do).
 pub fn scale_delta(delta: u64, mul: u32, shift: i8) -> u64 {
     let d = if shift < 0 {
-        delta >> (-shift) as u32
+        delta >> shift.unsigned_abs()
     } else {
-        delta << shift as u32
+        delta << shift.unsigned_abs()
     };
-    ((u128::from(d) * u128::from(mul)) >> 32) as u64
+    // (d * mul) >> 32 < 2^64 * 2^32 >> 32 = 2^64: always fits.
+    u64::try_from((u128::from(d) * u128::from(mul)) >> 32).unwrap_or(u64::MAX)
 }
 
 struct TimerReq {

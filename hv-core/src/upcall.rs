@@ -143,17 +143,17 @@ impl Upcall {
         }
         let entries: Vec<kvm_irq_routing_entry> = v
             .iter()
-            .enumerate()
-            .filter(|(_, vec)| **vec != 0)
-            .map(|(i, vec)| kvm_irq_routing_entry {
-                gsi: GSI_BASE + i as u32,
+            .zip(0u32..)
+            .filter(|(vec, _)| **vec != 0)
+            .map(|(vec, i)| kvm_irq_routing_entry {
+                gsi: GSI_BASE + i,
                 type_: KVM_IRQ_ROUTING_MSI,
                 flags: 0,
                 pad: 0,
                 u: kvm_irq_routing_entry__bindgen_ty_1 {
                     msi: kvm_irq_routing_msi {
                         // Physical destination: the x2APIC id, which is the vCPU index.
-                        address_lo: 0xFEE0_0000 | ((i as u32) << 12),
+                        address_lo: 0xFEE0_0000 | (i << 12),
                         address_hi: 0,
                         data: u32::from(*vec),
                         ..Default::default()

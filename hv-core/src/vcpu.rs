@@ -363,7 +363,8 @@ impl Vcpu {
         let ok = match d {
             Disposition::Return(v) => {
                 let sync = self.fd.sync_regs_mut();
-                sync.regs.rax = v as u64;
+                // A negative errno goes to RAX as its two's complement (SPEC §2).
+                sync.regs.rax = u64::from_ne_bytes(v.to_ne_bytes());
                 if let Some(cr3) = effects.new_cr3 {
                     sync.sregs.cr3 = cr3;
                     self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
@@ -374,7 +375,7 @@ impl Vcpu {
             Disposition::Stop => true,
         };
         self.stats
-            .hypercall(call.op, ok, t0.elapsed().as_nanos() as u64);
+            .hypercall(call.op, ok, crate::conv::duration_ns(t0.elapsed()));
         if let Disposition::Return(v) = d {
             if v < 0 {
                 // Which call failed and why, by name (RUST_LOG=hv_core=debug).
@@ -411,7 +412,7 @@ impl Vcpu {
 fn unknown_port(port: u16, size: usize, dir: &'static str) -> CrashReason {
     CrashReason::UnknownPort {
         port,
-        size: size as u32,
+        size: u32::try_from(size).unwrap_or(u32::MAX),
         dir,
     }
 }

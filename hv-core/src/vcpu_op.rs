@@ -30,14 +30,18 @@ pub fn vcpu_op(dom: &DomainShared, cmd: u64, target: u64, gpa: u64) -> Result<u6
             return Err(Errno::EINVAL);
         }
         dom.upcall
-            .set_vector(&dom.vm, target as u32, vector as u8)
+            .set_vector(
+                &dom.vm,
+                u32::try_from(target).map_err(|_| Errno::EINVAL)?,
+                u8::try_from(vector).map_err(|_| Errno::EINVAL)?,
+            )
             .map_err(|e| {
                 tracing::error!(error = %e, "setting the upcall vector failed");
                 Errno::EIO
             })?;
         return Ok(0);
     }
-    let idx = target as usize;
+    let idx = crate::conv::usize_from(target);
     let mut slots = dom.vcpu_states.lock().map_err(|_| Errno::EIO)?;
     match cmd {
         VCPUOP_IS_UP => Ok(u64::from(matches!(slots[idx], VcpuState::Up(_)))),

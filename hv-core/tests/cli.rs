@@ -1228,7 +1228,7 @@ fn sigint_stops_every_domain_and_syncs_the_disks_and_exits_130() {
     for w in 0..512u64 {
         // The test guest's pattern(salt 9, page 0, word w), written to sectors 0-7.
         let want = (9u64 << 56) ^ w.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let at = (w * 8) as usize;
+        let at = hv_core::conv::usize_from(w * 8);
         assert_eq!(
             u64::from_le_bytes(image[at..at + 8].try_into().unwrap()),
             want,

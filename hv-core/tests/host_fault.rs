@@ -85,11 +85,11 @@ fn filled_pages(path: &Path) -> u64 {
     assert!(base != 0 && base % (2 << 20) == 0, "page 0 holds {base:#x}");
     let pages = REGION / 4096;
     let filled = (0..pages)
-        .take_while(|p| at((p * 4096 + 0x10) as usize) == base + p * 4096)
+        .take_while(|p| at(hv_core::conv::usize_from(p * 4096 + 0x10)) == base + p * 4096)
         .count() as u64;
     assert!(
         (0..raw.len())
-            .skip((filled * 4096) as usize)
+            .skip(hv_core::conv::usize_from(filled * 4096))
             .all(|i| raw[i] == 0),
         "data after the first {filled} pages"
     );

@@ -79,7 +79,7 @@ fn not_executable() {
 #[test]
 fn too_many_program_headers() {
     let mut e = guest();
-    set_u16(&mut e, 56, (MAX_PHDRS + 1) as u16);
+    set_u16(&mut e, 56, u16::try_from(MAX_PHDRS + 1).unwrap());
     let err = refused(&e);
     assert!(
         matches!(err, LoadError::TooManySegments(n) if n == MAX_PHDRS + 1)

@@ -108,14 +108,14 @@ fn emulated_block_write_flush_read_and_the_image_after_exit() {
     for i in 0..256 {
         assert_eq!(
             u32_at(&raw, 512 + i * 4),
-            0xB10C_0000 | i as u32,
+            0xB10C_0000 | u32::try_from(i).unwrap(),
             "dword {i}"
         );
     }
     for i in 0..128 {
         assert_eq!(
             u32_at(&raw, 3 * 512 + i * 4),
-            0x5EC3_0000 | i as u32,
+            0x5EC3_0000 | u32::try_from(i).unwrap(),
             "rep dword {i}"
         );
     }
@@ -243,7 +243,7 @@ fn passthrough_data_both_ways_without_exits() {
     let dir = scratch("pt");
     let file = dir.join("region.bin");
     // The host writes before the guest runs.
-    let mut init = vec![0u8; REGION as usize];
+    let mut init = vec![0u8; hv_core::conv::usize_from(REGION)];
     init[..8].copy_from_slice(&HOST_MARK.to_le_bytes());
     std::fs::write(&file, &init).unwrap();
     let run = scenario_with(
@@ -256,7 +256,7 @@ fn passthrough_data_both_ways_without_exits() {
         })]),
     );
     run.assert_poweroff(0);
-    let gpa = run.int("pt_gpa") as u64;
+    let gpa = run.uint("pt_gpa");
     assert_eq!(gpa % (2 << 20), 0);
     expect(
         &run,

@@ -133,7 +133,7 @@ fn cpuid_leaves_identify_hv() {
             hv_abi::ABI_MINOR
         ))
     );
-    assert_eq!(run.int("cpuid_features") as u64, FEATURES.bits());
+    assert_eq!(run.uint("cpuid_features"), FEATURES.bits());
     assert_eq!(
         run.int("cpuid_port"),
         i64::from(hv_abi::hypercall::HYPERCALL_PORT)
@@ -160,7 +160,7 @@ fn hypercall_argument_errors() {
             hv_abi::ABI_MINOR
         ))
     );
-    assert_eq!(run.int("features") as u64, FEATURES.bits());
+    assert_eq!(run.uint("features"), FEATURES.bits());
     let s = &run.report.stats;
     assert_eq!(s.unknown_ops().count, 1);
     assert!(s.op(Op::SchedOp).errors >= 3);

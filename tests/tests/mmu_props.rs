@@ -273,7 +273,9 @@ impl World {
             for s in 0..512 {
                 let v = self.mem.read_pte(pool(i) + s * 8);
                 assert!(
-                    layout.check_entry(fr.level, s as usize, v).is_ok(),
+                    layout
+                        .check_entry(fr.level, hv_core::conv::usize_from(s), v)
+                        .is_ok(),
                     "after {op:?}: bad entry {v:#x} in L{} frame {i}",
                     fr.level
                 );

@@ -243,7 +243,7 @@ fn every_request_kind_and_refusal_and_the_image_after_exit() {
     // The image holds exactly what was written: sector 0 (page 0), 11 segments from
     // sector 100, the read-only grant's page at 200, the last sector; nothing else
     // (the refused partial write at 300 moved no data).
-    let mut want = vec![0u8; (SECTORS * 512) as usize];
+    let mut want = vec![0u8; hv_core::conv::usize_from(SECTORS * 512)];
     want[..4096].copy_from_slice(&page_bytes(1, 0));
     let mut at = 100 * 512;
     for i in 0..11u64 {
@@ -254,7 +254,7 @@ fn every_request_kind_and_refusal_and_the_image_after_exit() {
         at += chunk.len();
     }
     want[200 * 512..200 * 512 + 4096].copy_from_slice(&page_bytes(3, 99));
-    let last = (SECTORS as usize - 1) * 512;
+    let last = (hv_core::conv::usize_from(SECTORS) - 1) * 512;
     want[last..].copy_from_slice(&page_bytes(1, 2)[7 * 512..]);
     let got = std::fs::read(&img).unwrap();
     assert_eq!(got.len(), want.len());

@@ -75,7 +75,7 @@ fn direct_writes_into_the_pool_trap_and_are_validated() {
     }
     let run = scenario("trapped-write", "");
     let c = &run.console;
-    let si_ram = |line: &str| run.int(line) as u64;
+    let si_ram = |line: &str| run.uint(line);
     // Into a frame that is no page table: stored as is (no A bit added).
     let untyped = si_ram("trapped_untyped");
     assert_eq!(untyped & 0xFFF, 0x3, "{c}");
@@ -110,7 +110,7 @@ fn loading_an_unregistered_cr3_is_detected() {
         return;
     }
     let run = scenario("cr3-bypass", "");
-    let copy = run.int("loading_copy") as u64;
+    let copy = run.uint("loading_copy");
     assert!(!run.console.contains("bypassed"), "{}", run.console);
     match &run.report.outcome {
         Outcome::Crash(r) => assert_eq!(r.reason, CrashReason::Cr3Bypass { cr3: copy }),

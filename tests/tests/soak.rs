@@ -43,12 +43,12 @@ fn soak_round(seed: u64, calls: u64) {
         "scenario=evtchn-pong peer=ping rounds=300".into(),
         false,
     );
-    for (i, s) in [seed, seed + 1].iter().enumerate() {
+    for (i, s) in (0u32..).zip([seed, seed + 1]) {
         let ring3 = i == 1;
         domain(
             &mut hv,
             if ring3 { "soak3" } else { "soak0" },
-            3 + i as u32,
+            3 + i,
             format!(
                 "scenario=soak seed={s} calls={calls} ring3={}",
                 u8::from(ring3)

@@ -175,12 +175,12 @@ fn host_writes(chunk: u64, total: u64) -> Result<(u64, u64), BenchError> {
     let f = std::fs::File::create(&file.0).map_err(|e| guest_err(format!("scratch file: {e}")))?;
     f.set_len(2 * total)
         .map_err(|e| guest_err(format!("scratch file: {e}")))?;
-    let buf = vec![0x5Au8; chunk as usize];
+    let buf = vec![0x5Au8; crate::conv::usize_from(chunk)];
     let n = total / chunk;
     let t0 = Instant::now();
     for i in 0..n {
         f.write_all_at(&buf, i * chunk)
             .map_err(|e| guest_err(format!("scratch write: {e}")))?;
     }
-    Ok((t0.elapsed().as_nanos().max(1) as u64, n))
+    Ok((crate::conv::duration_ns(t0.elapsed()).max(1), n))
 }

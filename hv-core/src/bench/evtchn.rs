@@ -30,6 +30,7 @@
 //! [`ROUNDS_LONG`]-round and a [`ROUNDS_SHORT`]-round run, so creation, boot and
 //! shutdown cancel out, exactly as for [`super::irq_floor`].
 
+use crate::conv::{imm32, imm8};
 use std::time::{Duration, Instant};
 
 use hv_abi::evtchn::EVTCHNOP_SEND;
@@ -88,15 +89,18 @@ const IDT_OFF: usize = 0x400;
 const IMAGE_LEN: usize = IDT_OFF + (VECTOR as usize + 1) * 16;
 
 /// Shared-info fields of vCPU 0 and the pending bitmap.
-const UPCALL_PENDING: u32 = SHARED_INFO_GPA as u32;
-const PENDING_SEL: u32 = SHARED_INFO_GPA as u32 + 8;
-const EVTCHN_PENDING: u32 = SHARED_INFO_GPA as u32 + 2048;
+const UPCALL_PENDING: u32 = imm32(SHARED_INFO_GPA);
+const PENDING_SEL: u32 = imm32(SHARED_INFO_GPA + 8);
+const EVTCHN_PENDING: u32 = imm32(SHARED_INFO_GPA + 2048);
 
-const HC: u8 = hv_abi::hypercall::HYPERCALL_PORT as u8;
+const HC: u8 = imm8(hv_abi::hypercall::HYPERCALL_PORT as u64);
 
 /// The guest-physical address of image offset `off`, as a disp32/imm32.
 fn at(off: usize) -> [u8; 4] {
-    ((KERNEL_MIN_GPA as usize + off) as u32).to_le_bytes()
+    // The images are a few KiB just above KERNEL_MIN_GPA (a 32-bit address).
+    u32::try_from(KERNEL_MIN_GPA + off as u64)
+        .expect("bench image address fits 32 bits")
+        .to_le_bytes()
 }
 
 /// Appends `bytes`.
@@ -114,7 +118,8 @@ fn jump(c: &mut Vec<u8>, opcode: u8) -> usize {
 fn patch(c: &mut [u8], site: usize, target: usize) {
     let rel = target as i64 - (site as i64 + 1);
     // The blocks are a few dozen bytes: rel always fits.
-    c[site] = rel as i8 as u8;
+    let rel = i8::try_from(rel).expect("rel8 jump within a block");
+    c[site] = rel.to_le_bytes()[0];
 }
 
 /// `event_channel_op(EVTCHNOP_SEND, port)` with the port loaded into ESI first.
@@ -129,7 +134,7 @@ fn send_esi(c: &mut Vec<u8>) {
     emit(c, &[0xB8]); //                             mov  eax, event_channel_op
     emit(c, &(Op::EventChannelOp as u32).to_le_bytes());
     emit(c, &[0xBF]); //                             mov  edi, EVTCHNOP_SEND
-    emit(c, &(EVTCHNOP_SEND as u32).to_le_bytes());
+    emit(c, &const { imm32(EVTCHNOP_SEND) }.to_le_bytes());
     emit(c, &[0xE6, HC]); //                         out  0xE8, al  ; exit: the peer is raised
 }
 
@@ -160,7 +165,10 @@ fn upcall_code(first_serve: bool) -> (Vec<u8>, Vec<u8>) {
     emit(&mut m, &[0xB8]); //                        mov  eax, vcpu_op
     emit(&mut m, &(Op::VcpuOp as u32).to_le_bytes());
     emit(&mut m, &[0xBF]); //                        mov  edi, VCPUOP_SET_UPCALL_VECTOR
-    emit(&mut m, &(VCPUOP_SET_UPCALL_VECTOR as u32).to_le_bytes());
+    emit(
+        &mut m,
+        &const { imm32(VCPUOP_SET_UPCALL_VECTOR) }.to_le_bytes(),
+    );
     emit(&mut m, &[0x31, 0xF6]); //                  xor  esi, esi      ; vCPU 0
     emit(&mut m, &[0xBA, VECTOR, 0, 0, 0]); //       mov  edx, VECTOR
     emit(&mut m, &[0xE6, HC]); //                    out  0xE8, al
@@ -180,7 +188,8 @@ fn upcall_code(first_serve: bool) -> (Vec<u8>, Vec<u8>) {
         emit(&mut m, &[0x6A, 0x08]); //              push SEL_KERNEL_CODE ; CS
         emit(&mut m, &[0xE8]); //                    call handler         ; RIP; iretq returns
         let next = m.len() + 4;
-        let rel = (HANDLER_OFF as i64 - next as i64) as i32;
+        let rel =
+            i32::try_from(HANDLER_OFF as i64 - next as i64).expect("rel32 call within the image");
         emit(&mut m, &rel.to_le_bytes());
     }
     let idle = m.len();
@@ -230,7 +239,7 @@ fn poll_code(first_serve: bool) -> Vec<u8> {
     emit(&mut m, &[0xB8]); //                        wait: mov eax, sched_op
     emit(&mut m, &(Op::SchedOp as u32).to_le_bytes());
     emit(&mut m, &[0xBF]); //                        mov  edi, SCHEDOP_POLL
-    emit(&mut m, &(SCHEDOP_POLL as u32).to_le_bytes());
+    emit(&mut m, &const { imm32(SCHEDOP_POLL) }.to_le_bytes());
     emit(&mut m, &[0xBE]); //                        mov  esi, POLL     ; &SchedPoll
     emit(&mut m, &at(POLL_OFF));
     emit(&mut m, &[0xE6, HC]); //                    out  0xE8, al      ; sleeps until pending

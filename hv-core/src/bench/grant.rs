@@ -97,7 +97,9 @@ fn pair() -> Result<Pair, BenchError> {
     gd.mem
         .write_ram(GRANT_TABLE_GPA, &entry.to_le_bytes())
         .map_err(DomainError::from)?;
-    let pattern: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 13 + 5) as u8).collect();
+    let pattern: Vec<u8> = (0..PAGE_SIZE)
+        .map(|i| (i * 13 + 5).to_le_bytes()[0])
+        .collect();
     gd.mem
         .write_ram(SRC_GPA, &pattern)
         .map_err(DomainError::from)?;
@@ -131,7 +133,8 @@ pub fn grant_copy_4k_once(_kvm: &Kvm) -> Result<f64, BenchError> {
     let one = GnttabCopy {
         source: GnttabCopyPtr {
             ref_or_gfn: 0,
-            domid: gd.domid as u16,
+            domid: u16::try_from(gd.domid)
+                .map_err(|_| crate::bench::BenchError::Guest("domid above 65535".into()))?,
             ..Default::default()
         },
         dest: GnttabCopyPtr {
@@ -139,7 +142,7 @@ pub fn grant_copy_4k_once(_kvm: &Kvm) -> Result<f64, BenchError> {
             domid: DOMID_SELF,
             ..Default::default()
         },
-        len: PAGE_SIZE as u16,
+        len: const { crate::conv::imm16(PAGE_SIZE) },
         flags: GNTCOPY_SOURCE_GREF,
         ..Default::default()
     };
@@ -158,7 +161,10 @@ pub fn grant_copy_4k_once(_kvm: &Kvm) -> Result<f64, BenchError> {
             bad.status
         )));
     }
-    let (mut a, mut b) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
+    let (mut a, mut b) = (
+        vec![0u8; crate::conv::usize_from(PAGE_SIZE)],
+        vec![0u8; crate::conv::usize_from(PAGE_SIZE)],
+    );
     gd.mem
         .read_ram(SRC_GPA, &mut a)
         .map_err(DomainError::from)?;
@@ -186,7 +192,8 @@ pub fn grant_map_unmap_once(_kvm: &Kvm) -> Result<f64, BenchError> {
         host_addr: va,
         flags: GNTMAP_HOST_MAP,
         ref_: 0,
-        dom: gd.domid as u16,
+        dom: u16::try_from(gd.domid)
+            .map_err(|_| crate::bench::BenchError::Guest("domid above 65535".into()))?,
         ..Default::default()
     };
     let pair_once = || -> Result<(), BenchError> {

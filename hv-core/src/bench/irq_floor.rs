@@ -75,7 +75,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// Guest A's `main`: serve once, then idle.
 #[rustfmt::skip]
 const MAIN_A: [u8; 7] = [
-    0xE6, PORT as u8, // out  PORT, al    ; the first serve
+    0xE6, const { crate::conv::imm8(PORT as u64) }, // out  PORT, al    ; the first serve
     0xFB,             // idle: sti
     0xF4,             // hlt
     0xEB, 0xFC,       // jmp  idle (-4)
@@ -92,7 +92,7 @@ const MAIN_B: [u8; 5] = [
 /// The interrupt handler of both guests.
 #[rustfmt::skip]
 const HANDLER: [u8; 15] = [
-    0xE6, PORT as u8,             // out  PORT, al      ; exit: the peer is raised
+    0xE6, const { crate::conv::imm8(PORT as u64) },             // out  PORT, al      ; exit: the peer is raised
     0xB9, 0x0B, 0x08, 0x00, 0x00, // mov  ecx, 0x80B    ; x2APIC EOI register
     0x31, 0xC0,                   // xor  eax, eax
     0x31, 0xD2,                   // xor  edx, edx
@@ -232,7 +232,7 @@ fn run_a(
     rounds: u64,
     stop: &AtomicBool,
 ) -> Result<Vec<Instant>, BenchError> {
-    let mut exits = Vec::with_capacity(rounds as usize + 1);
+    let mut exits = Vec::with_capacity(crate::conv::usize_from(rounds) + 1);
     loop {
         match step(vcpu, "A")? {
             Step::Out if stop.load(Ordering::Acquire) => {
@@ -389,7 +389,7 @@ pub fn irq_floor_split(kvm: &Kvm, rounds: u64) -> Result<RoundTrips, BenchError>
     }
     let r = RoundTrips {
         rounds,
-        total: a_exits[rounds as usize] - a_exits[0],
+        total: a_exits[crate::conv::usize_from(rounds)] - a_exits[0],
         a_to_b,
         b_to_a,
     };

@@ -28,12 +28,14 @@ const PAGE_GPA: u64 = 1 << 20;
 pub fn memcpy_4k_once(_kvm: &kvm_ioctls::Kvm) -> Result<f64, BenchError> {
     let src = DomainMemory::new("memcpy_4k-src", RAM, 1).map_err(DomainError::from)?;
     let dst = DomainMemory::new("memcpy_4k-dst", RAM, 1).map_err(DomainError::from)?;
-    let pattern: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7 + 3) as u8).collect();
+    let pattern: Vec<u8> = (0..PAGE_SIZE)
+        .map(|i| (i * 7 + 3).to_le_bytes()[0])
+        .collect();
     src.write_ram(PAGE_GPA, &pattern)
         .map_err(DomainError::from)?;
     let from = src.host_address(PAGE_GPA).map_err(DomainError::from)? as *const u8;
     let to = dst.host_address(PAGE_GPA).map_err(DomainError::from)? as *mut u8;
-    let len = PAGE_SIZE as usize;
+    let len = crate::conv::usize_from(PAGE_SIZE);
     let copy = || {
         // SAFETY: `from` and `to` point at page-aligned 4 KiB ranges inside the RAM of
         // `src` and `dst`, two distinct mappings that stay alive for this function.

@@ -340,7 +340,7 @@ fn serve(dom: &DomainShared, inner: &Inner) {
             Err(e) => {
                 inner.counters.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(dev = inner.dev, id = req.id, op = req.operation, %e, "PV block request failed");
-                e.to_ret() as i16
+                errno_status(e)
             }
         };
         inner.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -358,10 +358,19 @@ fn serve(dom: &DomainShared, inner: &Inner) {
     }
 }
 
+/// The negative errno of `e` as a block response status (SPEC: `status` is an `i16`).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "every Errno is below 256 (hv-abi), so its negation fits an i16"
+)]
+fn errno_status(e: Errno) -> i16 {
+    e.to_ret() as i16
+}
+
 fn broken(dom: &DomainShared, inner: &Inner, slot: &mut Slot, e: hv_abi::ring::RingError) {
     tracing::warn!(domain = %dom.name, dev = inner.dev, error = ?e, "PV block: broken ring; device closed");
     inner.counters.ring_errors.fetch_add(1, Ordering::Relaxed);
-    close(dom, inner, slot, Errno::EINVAL.to_ret() as i32);
+    close(dom, inner, slot, errno_status(Errno::EINVAL).into());
 }
 
 fn disk_errno(e: &DiskError) -> Errno {
@@ -431,7 +440,7 @@ fn handle(dom: &DomainShared, disk: &Disk, req: &BlkifRequest) -> Result<u64, Er
         let host = dom.mem.host_address(gpa).map_err(|_| Errno::EACCES)?;
         iov.push(libc::iovec {
             iov_base: host as *mut libc::c_void,
-            iov_len: len as usize,
+            iov_len: crate::conv::usize_from(len),
         });
         pins.push(pin);
     }

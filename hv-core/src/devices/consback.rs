@@ -190,7 +190,7 @@ impl ConsoleBack {
             .mem
             .host_address(CONSOLE_PAGE_GPA)
             .map_err(|e| DeviceError::Memory(e.to_string()))?;
-        let _ = self.shared.page.set(page as usize);
+        let _ = self.shared.page.set(crate::conv::usize_from(page));
         let _ = self.shared.dom.set(Arc::downgrade(dom));
         let weak = Arc::downgrade(&self.shared);
         let notify = HostNotify(Arc::new(move || {
@@ -307,13 +307,14 @@ fn input_loop(sh: &Shared, dom: &Weak<DomainShared>, input: &Input) {
             eof = true;
             continue;
         }
-        for (i, b) in buf[..n as usize].iter().enumerate() {
-            let at = (prod.wrapping_add(i as u32) % CONSOLE_IN_SIZE) as usize;
+        // n > 0 here (checked above), at most `room` <= 1024.
+        for b in &buf[..n.unsigned_abs()] {
+            let at = (prod % CONSOLE_IN_SIZE) as usize;
             // SAFETY: `at` < 1024: a byte of the page's `in` array.
             unsafe { std::ptr::write_volatile(ring.add(at), *b) };
+            prod = prod.wrapping_add(1);
         }
         fence(Ordering::Release);
-        prod = prod.wrapping_add(n as u32);
         prod_w.store(prod, Ordering::Release);
         let Some(d) = dom.upgrade() else { return };
         if let Some(p) = sh.port.get() {

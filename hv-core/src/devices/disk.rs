@@ -212,7 +212,7 @@ impl Disk {
         if n < 0 {
             return Err(DiskError::Io(std::io::Error::last_os_error()));
         }
-        done += n as usize;
+        done += n.unsigned_abs(); // n >= 0: checked above
         if done == total {
             return Ok(());
         }
@@ -295,7 +295,7 @@ impl Disk {
             if n == 0 {
                 return Err(DiskError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
-            let mut n = n as usize;
+            let mut n = n.unsigned_abs(); // n > 0: checked above
             off += n as u64;
             while n > 0 && first < iov.len() {
                 let v = &mut iov[first];

@@ -69,7 +69,8 @@ pub struct EmuBlock {
 }
 
 fn errno_status(e: Errno) -> u32 {
-    EMU_STATUS_ERROR | (e as i64 as u32 & 0xFFFF)
+    // The errno (a positive number below 256) in the low 16 bits.
+    EMU_STATUS_ERROR | u32::try_from(e as i64).map_or(0xFFFF, |v| v & 0xFFFF)
 }
 
 fn disk_errno(e: &DiskError) -> Errno {
@@ -198,7 +199,7 @@ impl EmuBlock {
                 Err(Errno::EINVAL)
             }
             EMU_CMD_READ => {
-                let mut buf = vec![0u8; count as usize * SECTOR_SIZE as usize];
+                let mut buf = vec![0u8; crate::conv::usize_from(u64::from(count) * SECTOR_SIZE)];
                 self.disk
                     .read_at(sector, &mut buf)
                     .map(|()| Phase::Read { buf, pos: 0 })
@@ -210,7 +211,7 @@ impl EmuBlock {
                 .check(sector, u64::from(count) * SECTOR_SIZE)
                 .map(|_| Phase::Write {
                     sector,
-                    buf: vec![0u8; count as usize * SECTOR_SIZE as usize],
+                    buf: vec![0u8; crate::conv::usize_from(u64::from(count) * SECTOR_SIZE)],
                     pos: 0,
                 })
                 .map_err(|e| disk_errno(&e)),
@@ -311,7 +312,7 @@ mod tests {
     }
 
     fn cmd(d: &EmuBlock, sector: u64, count: u32, c: u32) -> u32 {
-        out(d, 0, sector as u32);
+        out(d, 0, u32::try_from(sector & u64::from(u32::MAX)).unwrap());
         out(d, 4, (sector >> 32) as u32);
         out(d, 8, count);
         out(d, 0xC, c);

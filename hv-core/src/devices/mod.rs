@@ -260,6 +260,10 @@ impl Devices {
                     e.state = STATE_INITIALISING;
                     e.flags = if disk.readonly() { DEVF_READONLY } else { 0 };
                     entries.push(e);
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        reason = "entries holds at most MAX_DEVICES (checked above)"
+                    )]
                     let dev = (entries.len() - 1) as u32;
                     backends.push(Backend::PvBlock(BlkBack::new(dev, disk)));
                 }
@@ -314,7 +318,12 @@ impl Devices {
         si.console_ring_gpa = CONSOLE_PAGE_GPA;
         si.console_evtchn = port;
         si.devices_gpa = DEVICE_TABLE_GPA;
-        si.nr_devices = entries.len() as u32;
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "entries holds at most MAX_DEVICES (checked when it was built)"
+        )]
+        let nr_devices = entries.len() as u32;
+        si.nr_devices = nr_devices;
         dom.mem
             .write_obj(hv_abi::layout::START_INFO_GPA, &si)
             .map_err(|e| DeviceError::Memory(e.to_string()))?;
@@ -330,11 +339,11 @@ impl Devices {
     /// request in progress finishes), writable disk images `fdatasync`'d, connected rings
     /// released, pending console output written. Idempotent.
     pub fn stop(&self, dom: &DomainShared) {
-        for (dev, b) in self.backends.iter().enumerate() {
+        for (dev, b) in (0u32..).zip(&self.backends) {
             match b {
                 Backend::PvBlock(blk) => blk.stop(dom),
                 // Its writes ran on the (now stopped) vCPU threads.
-                Backend::EmuBlock(e) => sync_disk(e.disk(), dev as u32),
+                Backend::EmuBlock(e) => sync_disk(e.disk(), dev),
                 _ => {}
             }
         }
@@ -361,8 +370,8 @@ impl Devices {
             .backends
             .iter()
             .position(|b| matches!(b, Backend::Passthrough { gpa: g } if *g == gpa));
-        if let Some(dev) = dev {
-            self.set_state(dom, dev as u32, STATE_CLOSED, 0);
+        if let Some(dev) = dev.and_then(|d| u32::try_from(d).ok()) {
+            self.set_state(dom, dev, STATE_CLOSED, 0);
         }
         Ok(())
     }

@@ -387,10 +387,15 @@ impl Drop for Region {
         // SAFETY: the mapping was made by `open` with this size and is unmapped only
         // here; KVM memslots using it were removed (or their VM destroyed) first.
         unsafe {
-            if libc::msync(self.host.cast(), self.size as usize, libc::MS_SYNC) != 0 {
+            if libc::msync(
+                self.host.cast(),
+                crate::conv::usize_from(self.size),
+                libc::MS_SYNC,
+            ) != 0
+            {
                 tracing::warn!(path = %self.path.display(), "msync of a passthrough region failed");
             }
-            libc::munmap(self.host.cast(), self.size as usize);
+            libc::munmap(self.host.cast(), crate::conv::usize_from(self.size));
         }
         // The file (and with it the lock) is closed after this.
     }
@@ -534,12 +539,12 @@ impl DomainRegions {
         let sizes: Vec<u64> = specs.iter().map(|s| s.size).collect();
         let gpas = region_gpas(pool_end, &sizes);
         let mut list = Vec::with_capacity(specs.len());
-        for (i, (spec, gpa)) in specs.iter().zip(gpas).enumerate() {
+        for ((spec, gpa), slot) in specs.iter().zip(gpas).zip(FIRST_SLOT..) {
             // On an error the regions assigned so far are released as `list` drops.
             list.push(Attached {
                 assignment: regions.assign(domid, spec)?,
                 gpa,
-                slot: FIRST_SLOT + i as u32,
+                slot,
                 in_vm: false,
             });
         }
@@ -639,7 +644,7 @@ impl DomainRegions {
                 unsafe {
                     libc::madvise(
                         host as *mut libc::c_void,
-                        PAGE_SIZE as usize,
+                        crate::conv::usize_from(PAGE_SIZE),
                         libc::MADV_DONTNEED,
                     );
                 }

@@ -80,7 +80,7 @@ impl Uart {
         match data {
             [b] => {
                 let mut s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-                *b = s.read(off as u8);
+                *b = s.read(off.to_le_bytes()[0]); // off < UART_PORTS (8)
             }
             _ => data.fill(0xFF),
         }
@@ -94,7 +94,7 @@ impl Uart {
         if let [b] = data {
             let mut s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
             // Console writes cannot fail (a lost byte is dropped by the sink).
-            if let Err(e) = s.write(off as u8, *b) {
+            if let Err(e) = s.write(off.to_le_bytes()[0], *b) {
                 tracing::debug!(error = %e, "UART write failed");
             }
         }

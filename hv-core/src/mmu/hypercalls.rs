@@ -107,7 +107,9 @@ fn mmuext_one(
     let mut pool = PoolAccess(&dom.mem);
     match op.cmd {
         MMUEXT_PIN_L1_TABLE..=MMUEXT_PIN_L4_TABLE => {
-            mmu.pin(&mut pool, (op.cmd - MMUEXT_PIN_L1_TABLE + 1) as u8, op.arg1)
+            let level =
+                u8::try_from(op.cmd - MMUEXT_PIN_L1_TABLE + 1).map_err(|_| Errno::EINVAL)?;
+            mmu.pin(&mut pool, level, op.arg1)
         }
         MMUEXT_UNPIN_TABLE => {
             let busy = in_use_as_cr3(dom, op.arg1);

@@ -50,7 +50,7 @@ impl FlatPool {
     pub fn new(base: u64, frames: u64) -> Self {
         FlatPool {
             base,
-            entries: vec![0; (frames * 512) as usize],
+            entries: vec![0; crate::conv::usize_from(frames * 512)],
         }
     }
 
@@ -109,7 +109,7 @@ impl Mmu {
     /// A frame table for `layout` with every frame untyped.
     pub fn new(layout: Layout) -> Self {
         Mmu {
-            frames: vec![FrameInfo::default(); layout.pool_frames as usize],
+            frames: vec![FrameInfo::default(); crate::conv::usize_from(layout.pool_frames)],
             layout,
             changes: Changes::default(),
             data_ranges: Vec::new(),
@@ -250,12 +250,14 @@ impl Mmu {
         mem: &mut impl PtMemory,
         reqs: &[hv_abi::mmu::MmuUpdate],
     ) -> (u32, Result<(), Errno>) {
-        for (i, r) in reqs.iter().enumerate() {
+        let mut done = 0u32;
+        for r in reqs {
             if let Err(e) = self.update(mem, r.ptr, r.val) {
-                return (i as u32, Err(e));
+                return (done, Err(e));
             }
+            done = done.saturating_add(1);
         }
-        (reqs.len() as u32, Ok(()))
+        (done, Ok(()))
     }
 
     /// A direct write of 8 bytes at `gpa` (trapped or `mmu_update`): validated if the

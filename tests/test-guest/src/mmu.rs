@@ -105,19 +105,19 @@ pub fn run(si: &StartInfo) -> ! {
         }
         read(t + ((ram >> 12) & 511) * 8)
     };
-    // SAFETY: the page keeps its mapping.
     println!(
         "uva={}",
+        // SAFETY: the page keeps its mapping.
         rc(unsafe { mmu::update_va_mapping(ram, cur, UVMF_INVLPG) })
     );
-    // SAFETY: refused before anything changes.
     println!(
         "uva_bad_flags={}",
+        // SAFETY: refused before anything changes.
         rc(unsafe { mmu::update_va_mapping(ram, cur, 7) })
     );
-    // SAFETY: refused: the hypervisor's range.
     println!(
         "uva_hv_range={}",
+        // SAFETY: refused: the hypervisor's range.
         rc(unsafe { mmu::update_va_mapping(0xFFFF_8000_0000_0000, 0, 0) })
     );
     // multicall: each entry gets its own result, a failure does not stop the others.
@@ -268,9 +268,9 @@ pub fn unpin_vcpus(si: &StartInfo) -> ! {
     // SAFETY: `a` maps exactly what the boot root maps.
     println!("switch_a={}", rc(unsafe { mmu::new_baseptr(a) }));
     // vCPU 1 is down: nothing but vCPU 0 could hold the boot root, and vCPU 0 left it.
-    // SAFETY: no vCPU uses the boot root any more.
     println!(
         "unpin_boot_v1_down={}",
+        // SAFETY: no vCPU uses the boot root any more.
         rc(unsafe { mmu::unpin_table(boot) })
     );
     println!("init_unpinned={}", init_v1(boot));
@@ -369,14 +369,14 @@ pub fn big_ram(si: &StartInfo) -> ! {
         .all(|(i, va)| read(*va) == 0x5A5A_0000 + i as u64);
     println!("high_rw={}", u8::from(rw));
     // No L1 entry under a 2 MiB page; the last page has one.
-    // SAFETY: refused before anything changes.
     println!(
         "uva_large={}",
+        // SAFETY: refused before anything changes.
         rc(unsafe { mmu::update_va_mapping(6 << 30, 0, 0) })
     );
-    // SAFETY: the page keeps its mapping.
     println!(
         "uva_last={}",
+        // SAFETY: the page keeps its mapping.
         rc(unsafe { mmu::update_va_mapping(last, elast, UVMF_INVLPG) })
     );
     // Remap virtual 6 GiB to the 2 MiB of RAM at 4 GiB (an upper-level change, made
