@@ -12,13 +12,13 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 
-use crate::boot::{self, BootError, StartInfoParams};
+use crate::boot::{self, BootError, BootInfo, StartInfoParams};
 use crate::coherence::HostPaging;
 use crate::console::{Console, ConsoleSink};
 use crate::devices::passthrough::{DomainRegions, PassthroughError};
 use crate::devices::{ConsoleSpec, DeviceError, DeviceSpec, Devices};
 use crate::evtchn::EventChannels;
-use crate::grant::Grants;
+use crate::grant::{GrantError, Grants};
 use crate::loader::{KernelImage, LoadError};
 use crate::memory::{DomainMemory, MemoryError, PoolAccess};
 use crate::mmu::{Layout, Mmu};
@@ -137,6 +137,9 @@ pub enum DomainError {
     /// Event channels could not be set up.
     #[error("{0}")]
     Evtchn(#[from] crate::evtchn::EvtchnError),
+    /// Grant tables could not be set up.
+    #[error("{0}")]
+    Grant(#[from] GrantError),
     /// Two domains could not be connected.
     #[error("cannot connect the domains: {0}")]
     Connect(hv_abi::Errno),
@@ -239,8 +242,8 @@ pub struct DomainShared {
     pub upcall: Arc<Upcall>,
     /// System time and timers.
     pub time: Arc<DomainTime>,
-    /// Grant tables.
-    pub grants: Grants,
+    /// Grant tables (other domains reach them through the registry).
+    pub grants: Arc<Grants>,
     /// Devices: the device table and the back-ends.
     pub devices: Devices,
     /// vCPUs sleeping in `SCHEDOP_BLOCK` or `SCHEDOP_POLL` right now.
@@ -477,7 +480,7 @@ impl DomainShared {
             }
         }
         self.evtchn.destroy(&*self.registry);
-        crate::grant::destroy(self);
+        self.grants.destroy(&*self.registry);
     }
 
     /// True if `gpa` is in the domain's page-table pool.
@@ -590,19 +593,8 @@ impl Domain {
             &console_sink,
             regions,
         )?;
-        let bi = boot::build_page_tables_with(&mem, &region_ranges)?;
-        let mut mmu = Mmu::new(Layout {
-            phys_bits: crate::cpuid::phys_bits(&crate::cpuid::supported_cached(kvm)?),
-            ram_frames: mem.ram_bytes() / hv_abi::PAGE_SIZE,
-            pool_base: mem.pool_gpa(),
-            pool_frames: mem.pool_frames(),
-        });
-        for &(gpa, size) in &region_ranges {
-            mmu.add_data_range(gpa, size);
-        }
-        // The boot tables are typed at entry: the root is pinned as L4 (SPEC 8.5.1).
-        mmu.pin(&mut PoolAccess(&mem), 4, bi.pt_base)
-            .map_err(DomainError::BootTables)?;
+        let phys_bits = crate::cpuid::phys_bits(&crate::cpuid::supported_cached(kvm)?);
+        let (bi, mmu) = boot_page_tables(&mem, &region_ranges, phys_bits)?;
         boot::write_gdt_tss(&mem)?;
         let flags = if config.allow_user_hypercalls {
             SIF_USER_HYPERCALLS
@@ -623,8 +615,7 @@ impl Domain {
             },
         )?;
 
-        let grants = Grants::new(mem.pool_end())
-            .map_err(|e| DomainError::Memory(MemoryError::Map(e.to_string())))?;
+        let grants = Arc::new(Grants::new(config.domid, &mem)?);
         let host_paging = crate::coherence::host_paging(kvm);
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         let mut pool_region = kvm_userspace_memory_region::default();
@@ -837,6 +828,32 @@ impl Drop for Domain {
         // A domain that never ran (or has run) leaves the registry.
         self.shared.destroy();
     }
+}
+
+/// Writes the boot page tables into the pool of `mem` (see
+/// [`boot::build_page_tables_with`]; `regions` are the passthrough regions to map) and
+/// returns them with the PV MMU of a domain with that memory, which has validated them
+/// (the root pinned as L4, as at entry: SPEC 8.5.1) and lets L1 entries map the
+/// regions. `phys_bits` is the guest's physical address width (CPUID 0x80000008). The
+/// part of [`Domain::create_in`]'s set-up that needs no KVM.
+pub fn boot_page_tables(
+    mem: &DomainMemory,
+    regions: &[(u64, u64)],
+    phys_bits: u32,
+) -> Result<(BootInfo, Mmu), DomainError> {
+    let bi = boot::build_page_tables_with(mem, regions)?;
+    let mut mmu = Mmu::new(Layout {
+        phys_bits,
+        ram_frames: mem.ram_bytes() / hv_abi::PAGE_SIZE,
+        pool_base: mem.pool_gpa(),
+        pool_frames: mem.pool_frames(),
+    });
+    for &(gpa, size) in regions {
+        mmu.add_data_range(gpa, size);
+    }
+    mmu.pin(&mut PoolAccess(mem), 4, bi.pt_base)
+        .map_err(DomainError::BootTables)?;
+    Ok((bi, mmu))
 }
 
 /// Parses, checks and runs an ELF kernel in a new domain.

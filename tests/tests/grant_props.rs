@@ -1,15 +1,20 @@
-//! Property test: hv-core's grant tables against the reference model
-//! (tests::grant_model) over random operation sequences on three real (created, not
-//! running) domains. Each operation is what a guest would do: entries are published
-//! and revoked with stores into the guest's table, map/unmap/copy structures are
-//! written into the caller's RAM and handed to `grant_table_op` with the boot page
-//! tables as CR3, and statuses are read back from RAM. After every operation the
-//! statuses and everything observable must agree with the model: every grant entry
-//! of refs 0..8 (with GTF_READING/GTF_WRITING), the L1 entries of the window VAs,
-//! the followed RAM frames (copies), true sharing through every live mapping (both
-//! directions for writable ones) and zero in revoked or freed window slots.
+//! Property tests: hv-core's grant tables against the reference model
+//! (tests::grant_model) over random operation sequences on three domains' real
+//! `Grants`, on plain memory (no KVM needed: no VM, no vCPUs). Each domain has the
+//! memory, boot page tables and PV MMU that `Domain::create_in` gives it
+//! (`hv_core::domain::boot_page_tables`, the test guest loaded, start_info written),
+//! so maps and unmaps go through the real MMU and the real grant window. Each
+//! operation is what a guest would do: entries are published and revoked with stores
+//! into the guest's table, map/unmap/copy structures are written into the caller's RAM
+//! and handed to `grant_table_op` with the boot page tables as CR3, and statuses are
+//! read back from RAM. After every operation the statuses and everything observable
+//! must agree with the model: every grant entry of refs 0..8 (with
+//! GTF_READING/GTF_WRITING), the L1 entries of the window VAs, the followed RAM frames
+//! (copies), true sharing through every live mapping (both directions for writable
+//! ones) and zero in revoked or freed window slots.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use hv_abi::grant::{
     GnttabCopy, GnttabCopyPtr, GnttabMapGrantRef, GnttabUnmapGrantRef, GrantEntryV1, DOMID_SELF,
@@ -20,13 +25,12 @@ use hv_abi::grant::{
 use hv_abi::layout::{GRANT_TABLE_GPA, START_INFO_GPA};
 use hv_abi::mmu::{PTE_ADDR_MASK, PTE_P};
 use hv_abi::start_info::StartInfo;
-use hv_core::domain::{Domain, DomainShared};
-use hv_core::grant;
-use hv_core::memory::PoolAccess;
-use hv_core::mmu::hypercalls::VcpuEffects;
-use hv_core::mmu::PtMemory;
-use hv_core::registry::Registry;
-use hv_core::{ConsoleSink, DomainConfig, KernelImage};
+use hv_core::boot::{self, StartInfoParams};
+use hv_core::domain::{boot_page_tables, DEFAULT_POOL_EXTRA_FRAMES};
+use hv_core::grant::{Granters, Grants};
+use hv_core::memory::{DomainMemory, PoolAccess};
+use hv_core::mmu::{Mmu, PtMemory};
+use hv_core::{KernelImage, FEATURES};
 use proptest::prelude::*;
 use tests::grant_model::{Model, PAGE};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -43,6 +47,9 @@ const OPS_GPA: u64 = 0x300 * PAGE;
 const VAS: u64 = 5;
 /// A VA with no L1 table on the boot tables (checked at set-up).
 const NO_L1_VA: u64 = 0x0000_4000_0000_0000;
+/// The guest's physical address width given to the MMU (hv takes the host's from
+/// KVM's CPUID; a common value: every address here is far below it).
+const PHYS_BITS: u32 = 46;
 
 #[derive(Clone, Copy, Debug)]
 enum Va {
@@ -288,9 +295,26 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The live domains' grants, by id (what the registry is to hv).
+#[derive(Default)]
+struct Live(Mutex<HashMap<u32, Arc<Grants>>>);
+
+impl Granters for Live {
+    fn grants(&self, domid: u32) -> Option<Arc<Grants>> {
+        self.0.lock().expect("granters").get(&domid).cloned()
+    }
+}
+
+/// What a domain is to its grants, without KVM: its memory, PV MMU and grants.
+struct Dom {
+    mem: DomainMemory,
+    mmu: Mutex<Mmu>,
+    grants: Arc<Grants>,
+}
+
 struct Real {
-    _registry: Arc<Registry>,
-    doms: Vec<Domain>,
+    live: Live,
+    doms: Vec<Dom>,
     /// The boot page-table root (the same GPA in every domain).
     cr3: u64,
     window_gpa: u64,
@@ -327,36 +351,49 @@ fn same_page(got: &[u8], want: &[u8], what: impl FnOnce() -> String) -> Result<(
 impl Real {
     fn new() -> (Real, Model) {
         let image = KernelImage::from_elf(tests::TEST_GUEST).expect("test guest");
-        let registry = Registry::new();
-        let kvm = tests::kvm();
-        let doms: Vec<Domain> = (1..=DOMS)
+        let (pool_frames, _) = boot::pool_frames_for(MEM_BYTES, DEFAULT_POOL_EXTRA_FRAMES);
+        let live = Live::default();
+        let doms: Vec<Dom> = (1..=DOMS)
             .map(|id| {
-                let config = DomainConfig {
-                    name: format!("gprop{id}"),
-                    domid: id,
-                    vcpus: 1,
-                    mem_bytes: MEM_BYTES,
-                    console: ConsoleSink::Discard,
-                    ..DomainConfig::default()
-                };
-                Domain::create_in(&kvm, &registry, config, &image).expect("create domain")
+                // What `Domain::create_in` does before KVM is involved.
+                let mem = DomainMemory::new(&format!("gprop{id}"), MEM_BYTES, pool_frames)
+                    .expect("memory");
+                let first_free = image.load_into(&mem).expect("load the test guest");
+                let (bi, mmu) = boot_page_tables(&mem, &[], PHYS_BITS).expect("boot tables");
+                boot::write_start_info(
+                    &mem,
+                    &bi,
+                    &StartInfoParams {
+                        domid: id,
+                        nr_vcpus: 1,
+                        flags: 0,
+                        features: FEATURES,
+                        kernel: (image.start(), image.end()),
+                        first_free,
+                        cmdline: "",
+                    },
+                )
+                .expect("start_info");
+                let grants = Arc::new(Grants::new(id, &mem).expect("grants"));
+                live.0.lock().expect("granters").insert(id, grants.clone());
+                Dom {
+                    mem,
+                    mmu: Mutex::new(mmu),
+                    grants,
+                }
             })
             .collect();
-        let si: StartInfo = doms[0]
-            .shared()
-            .mem
-            .read_obj(START_INFO_GPA)
-            .expect("start_info");
+        let si: StartInfo = doms[0].mem.read_obj(START_INFO_GPA).expect("start_info");
         assert_eq!(si.nr_pages, RAM_FRAMES);
-        assert_eq!(si.grant_window_gpa, doms[0].shared().grants.window_gpa());
+        assert_eq!(si.grant_window_gpa, doms[0].grants.window_gpa());
         let mut m = Model::new(
             RAM_FRAMES,
             si.grant_window_gpa,
             u64::from(si.grant_window_frames),
         );
-        for (i, d) in doms.iter().enumerate() {
+        for (i, s) in doms.iter().enumerate() {
             let id = i as u32 + 1;
-            let s = d.shared();
+            assert_eq!(s.grants.domid(), id);
             let si2: StartInfo = s.mem.read_obj(START_INFO_GPA).expect("start_info");
             assert_eq!(
                 (si2.pt_base_gpa, si2.grant_window_gpa),
@@ -371,7 +408,7 @@ impl Real {
             m.add(id, frames);
         }
         let real = Real {
-            _registry: registry,
+            live,
             doms,
             cr3: si.pt_base_gpa,
             window_gpa: si.grant_window_gpa,
@@ -388,8 +425,15 @@ impl Real {
         (real, m)
     }
 
-    fn d(&self, id: u32) -> &Arc<DomainShared> {
-        self.doms[(id - 1) as usize].shared()
+    /// Domain `id` dies, as `DomainShared::destroy` does it: it leaves the registry,
+    /// then its grants are destroyed.
+    fn kill(&self, id: u32) {
+        self.live.0.lock().expect("granters").remove(&id);
+        self.d(id).grants.destroy(&self.live);
+    }
+
+    fn d(&self, id: u32) -> &Dom {
+        &self.doms[(id - 1) as usize]
     }
 
     fn window_va(&self, k: u64) -> u64 {
@@ -422,8 +466,9 @@ impl Real {
         d.mem
             .write_ram(OPS_GPA, ops.as_bytes())
             .map_err(|e| fail(format!("write ops: {e}")))?;
-        let mut effects = VcpuEffects::default();
-        let r = grant::grant_table_op(d, 0, self.cr3, cmd, OPS_GPA, ops.len() as u64, &mut effects);
+        let r =
+            d.grants
+                .grant_table_op(&d.mmu, &self.live, self.cr3, cmd, OPS_GPA, ops.len() as u64);
         prop_assert_eq!(r, Ok(0), "grant_table_op({}) return", cmd);
         d.mem
             .read_ram(OPS_GPA, ops.as_mut_bytes())
@@ -442,9 +487,10 @@ impl Real {
     fn read_slot(&self, id: u32, slot_gpa: u64) -> Vec<u8> {
         let p = self.slot_ptr(id, slot_gpa);
         let mut v = vec![0u8; PAGE as usize];
-        // SAFETY: `p` is one page of domain `id`'s window reservation, which stays mapped while the
-        // Domain (held by self) lives; each page is always mapped readable (scratch or a
-        // granted frame). Nothing else writes it concurrently (the domains never run).
+        // SAFETY: `p` is one page of domain `id`'s window reservation, which stays mapped
+        // while its Grants (held by self) live; each page is always mapped readable
+        // (scratch or a granted frame). Nothing else writes it concurrently (there are no
+        // vCPUs).
         unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), v.len()) };
         v
     }
@@ -499,7 +545,7 @@ fn apply(real: &mut Real, model: &mut Model, op: &Op) -> Result<(), TestCaseErro
     if !model.alive(d0) {
         return Ok(());
     }
-    let d = real.d(d0).clone();
+    let mem = real.d(d0).mem.clone();
     match op {
         &Op::Grant {
             gref,
@@ -514,16 +560,16 @@ fn apply(real: &mut Real, model: &mut Model, op: &Op) -> Result<(), TestCaseErro
             }
             let gpa = GRANT_TABLE_GPA + u64::from(gref) * 8;
             let flags = model_publish(model, d0, gref, to, frame, readonly);
-            d.mem.write_obj(gpa + 2, &to).expect("entry");
-            d.mem.write_obj(gpa + 4, &frame).expect("entry");
-            d.mem.write_obj(gpa, &flags).expect("entry");
+            mem.write_obj(gpa + 2, &to).expect("entry");
+            mem.write_obj(gpa + 4, &frame).expect("entry");
+            mem.write_obj(gpa, &flags).expect("entry");
         }
         &Op::Revoke(_, gref) => {
             let gpa = GRANT_TABLE_GPA + u64::from(gref) * 8;
-            let flags: u16 = d.mem.read_obj(gpa).expect("entry");
+            let flags: u16 = mem.read_obj(gpa).expect("entry");
             let ok = flags & (GTF_READING | GTF_WRITING) == 0;
             if ok {
-                d.mem.write_obj(gpa, &0u16).expect("entry");
+                mem.write_obj(gpa, &0u16).expect("entry");
             }
             prop_assert_eq!(ok, model.revoke(d0, gref), "revoke {} ref {}", d0, gref);
         }
@@ -642,7 +688,7 @@ fn apply(real: &mut Real, model: &mut Model, op: &Op) -> Result<(), TestCaseErro
             }
         }
         Op::Kill(_) => {
-            d.destroy();
+            real.kill(d0);
             model.kill(d0);
         }
     }
@@ -756,7 +802,7 @@ fn copy_op(model: &Model, d: u32, s: &CopySpec) -> GnttabCopy {
 fn check(real: &mut Real, model: &mut Model) -> Result<(), TestCaseError> {
     let ids: Vec<u32> = (1..=DOMS).filter(|id| model.alive(*id)).collect();
     for &id in &ids {
-        let d = real.d(id).clone();
+        let d = real.d(id);
         // Grant entries.
         for gref in 0..=8u32 {
             let e: GrantEntryV1 = d
@@ -858,9 +904,6 @@ proptest! {
 
     #[test]
     fn grant_tables_match_the_model(ops in prop::collection::vec(op(), 1..60)) {
-        if !tests::kvm_available() {
-            return Ok(());
-        }
         let (mut real, mut model) = Real::new();
         for op in &ops {
             apply(&mut real, &mut model, op)?;
