@@ -30,8 +30,13 @@
 //! Locks: a domain's `Grants` state, then (optionally) its MMU. Two domains' `Grants`
 //! mutexes are never held at once: a map reserves a handle (mapper), pins the entry
 //! (granter), then completes the mapping (mapper).
+//!
+//! Saving: [`Grants::state`] gives the subsystem's own state as plain data
+//! ([`GrantState`]); the table itself is guest RAM, saved with it.
+//! [`Grants::from_state`] rebuilds one domain's grants alone, so it refuses a state
+//! that names another domain (see there).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -71,7 +76,7 @@ pub fn window_gpa_for(pool_end: u64) -> u64 {
     pool_end.div_ceil(layout::GRANT_WINDOW_ALIGN) * layout::GRANT_WINDOW_ALIGN
 }
 
-/// Errors setting up a domain's grant state.
+/// Errors setting up or restoring a domain's grant state.
 #[derive(Debug, Error)]
 pub enum GrantError {
     /// The window reservation could not be mapped.
@@ -80,6 +85,16 @@ pub enum GrantError {
     /// The domain's memory has no room for the grant table where the layout puts it.
     #[error("the domain's RAM does not hold the grant table at {0:#x}")]
     NoTable(u64),
+    /// A restored mapping's frame could not be shown in its window slot.
+    #[error("cannot map a granted frame into the grant window: {0}")]
+    Window(#[source] std::io::Error),
+    /// A saved state is malformed (hostile or from another hv).
+    #[error("grant state refused: {0}")]
+    BadState(String),
+    /// A saved state names another domain (a mapping of its grant, or a use of this
+    /// domain's grant by it): one domain's grants cannot be restored alone then.
+    #[error("grant state refused: {0}; connected domains cannot be restored alone")]
+    Connected(String),
 }
 
 /// Finds other live domains' grants by domain id (implemented by the registry). A
@@ -162,6 +177,77 @@ enum Handle {
     /// The granter died: the slot shows scratch memory until the guest unmaps. Holds
     /// the L1 entry value map wrote.
     Dead(u64),
+}
+
+/// Version of [`GrantState`]'s layout.
+pub const GRANT_STATE_VERSION: u32 = 1;
+
+/// One entry of the domain's table in use, in a [`GrantState`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedActive {
+    /// The grant reference.
+    pub gref: u32,
+    /// The domain using it (`DOMID_HV`: one of hv's back-ends).
+    pub user: u16,
+    /// The frame read when it was first pinned (what every use of it sees).
+    pub frame: u64,
+    /// Read-only uses (mappings, back-end pins).
+    pub readers: u32,
+    /// Writable uses (mappings, back-end pins).
+    pub writers: u32,
+    /// The mappings among those uses: (mapper domain id, the mapper's handle), in
+    /// order.
+    pub maps: Vec<(u32, u32)>,
+}
+
+/// What a handle of a [`GrantState`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SavedMapping {
+    /// A live mapping of reference `gref` of `granter`.
+    Live {
+        /// The granting domain.
+        granter: u32,
+        /// Its grant reference.
+        gref: u32,
+        /// Writable.
+        write: bool,
+        /// The L1 entry value map wrote.
+        pte: u64,
+    },
+    /// The granter died; the slot shows scratch memory until the guest unmaps.
+    Revoked {
+        /// The L1 entry value map wrote.
+        pte: u64,
+    },
+}
+
+/// One allocated handle of a [`GrantState`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedHandle {
+    /// The handle (= window slot).
+    pub handle: u32,
+    /// What it maps.
+    pub mapping: SavedMapping,
+}
+
+/// A domain's grant state as plain data: the entries of its table in use (with their
+/// counts and frames), its mappings of grants (handles) and where the next handle
+/// search starts. The table itself (entries and their `GTF_READING`/`GTF_WRITING`
+/// flags) is guest RAM and the L1 entries of mappings are in the page-table pool: both
+/// are saved with memory, not here. Neither are the contents of revoked or free window
+/// slots (scratch that only the guest reads).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GrantState {
+    /// [`GRANT_STATE_VERSION`].
+    pub version: u32,
+    /// The domain id.
+    pub domid: u32,
+    /// Entries in use, in reference order.
+    pub active: Vec<SavedActive>,
+    /// Allocated handles, in handle order.
+    pub handles: Vec<SavedHandle>,
+    /// Where the search for a free handle starts.
+    pub next_handle: u32,
 }
 
 /// The host memory behind a grant window: `frames` pages, each either a private
@@ -579,7 +665,8 @@ impl Grants {
 const IN_USE: u32 = (GTF_READING | GTF_WRITING) as u32;
 
 /// Makes GTF_READING / GTF_WRITING of `word` match the counts (clears the bits not
-/// backed by a use; bits are only ever set by `pin`'s compare-and-exchange).
+/// backed by a use; bits are only ever set by `pin`'s compare-and-exchange and by
+/// [`Grants::from_state`]).
 fn sync_flags(word: &AtomicU32, act: Option<&Active>) {
     let (readers, writers) = act.map_or((0, 0), |a| (a.readers, a.writers));
     let mut keep = 0u32;
@@ -641,6 +728,294 @@ impl std::ops::Deref for Peer<'_> {
             Peer::Me(g) => g,
             Peer::Other(g) => g,
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Saving and restoring.
+
+/// True if `pte` is an L1 entry that map writes for the window slot at `slot_gpa`
+/// (writable iff `write`, when that is known).
+fn valid_pte(pte: u64, slot_gpa: u64, write: Option<bool>) -> bool {
+    let flags = pte & !PTE_ADDR_MASK;
+    let w = flags & (PTE_W | PTE_D);
+    pte & PTE_ADDR_MASK == slot_gpa
+        && flags & !(PTE_P | PTE_A | PTE_W | PTE_D | PTE_U) == 0
+        && flags & (PTE_P | PTE_A) == PTE_P | PTE_A
+        && (w == 0 || w == PTE_W | PTE_D)
+        && write.is_none_or(|wr| wr == (w != 0))
+}
+
+impl Grants {
+    /// This domain's grant state as plain data (see [`GrantState`]).
+    ///
+    /// Take it while nothing uses the grants (the vCPUs of this domain and of every
+    /// domain connected to it stopped): a map in progress (a reserved handle) cannot be
+    /// saved and gives `EBUSY`, and a copy in progress would be saved as a use it was
+    /// about to end. `ESRCH` once the domain is destroyed.
+    pub fn state(&self) -> Result<GrantState, Errno> {
+        let st = self.lock()?;
+        if st.dead {
+            return Err(Errno::ESRCH);
+        }
+        let mut active: Vec<SavedActive> = st
+            .active
+            .iter()
+            .map(|(&gref, a)| {
+                let mut maps: Vec<(u32, u32)> = a.maps.iter().map(|(k, h)| (k.domid, *h)).collect();
+                maps.sort_unstable();
+                SavedActive {
+                    gref,
+                    user: a.user,
+                    frame: a.frame,
+                    readers: a.readers,
+                    writers: a.writers,
+                    maps,
+                }
+            })
+            .collect();
+        active.sort_unstable_by_key(|a| a.gref);
+        let mut handles = Vec::new();
+        for (h, slot) in st.handles.iter().enumerate() {
+            let mapping = match *slot {
+                Handle::Free => continue,
+                Handle::Pending { .. } => return Err(Errno::EBUSY),
+                Handle::Live(m) => SavedMapping::Live {
+                    granter: m.granter.domid,
+                    gref: m.gref,
+                    write: m.write,
+                    pte: m.pte,
+                },
+                Handle::Dead(pte) => SavedMapping::Revoked { pte },
+            };
+            handles.push(SavedHandle {
+                handle: h as u32,
+                mapping,
+            });
+        }
+        Ok(GrantState {
+            version: GRANT_STATE_VERSION,
+            domid: self.domid,
+            active,
+            handles,
+            next_handle: st.next as u32,
+        })
+    }
+
+    /// One domain's grants rebuilt alone from `state` over its memory `mem` (restored
+    /// from the same save), with a fresh window as [`new`](Self::new) and a new
+    /// instance.
+    ///
+    /// `state` is checked as hostile input: its version, the domain id, every reference
+    /// (below [`NR_GRANT_REFS`], once), every handle (below the window's
+    /// `GRANT_WINDOW_FRAMES` frames, once, with an L1 entry value that map could have
+    /// written for its slot), every frame (in `mem`'s RAM), the counts (not zero, no
+    /// overflow) and that entries and mappings agree both ways.
+    ///
+    /// What is restored: the entries in use by this domain itself (its mappings of its
+    /// own grants: the window slots show the frames again, through `mem`'s memfd) and
+    /// by hv's back-ends (`DOMID_HV`: restored as counts, which a back-end taking the
+    /// connection over ends with [`host_unpin`](Self::host_unpin); until then the guest
+    /// cannot revoke those entries), and mappings whose granter had died (their slots
+    /// show scratch memory until the guest unmaps). `GTF_READING`/`GTF_WRITING` of each
+    /// entry in use are set to match its counts (a memory image saved with the state
+    /// shows them already).
+    ///
+    /// What is refused ([`GrantError::Connected`]): a state naming another domain, that
+    /// is a live mapping of another domain's grant or an entry in use by (mapped by)
+    /// another domain. Those need both domains restored together, which this does not
+    /// do; unmap such grants before saving. A state with a use of its own grant that is
+    /// not a mapping (a copy in progress) is refused as malformed.
+    pub fn from_state(state: &GrantState, mem: &DomainMemory) -> Result<Grants, GrantError> {
+        let bad = GrantError::BadState;
+        let connected = GrantError::Connected;
+        if state.version != GRANT_STATE_VERSION {
+            return Err(bad(format!(
+                "version {} (this hv reads {GRANT_STATE_VERSION})",
+                state.version
+            )));
+        }
+        let me_id = state.domid;
+        if me_id >= u32::from(DOMID_SELF) {
+            return Err(bad(format!("domain id {me_id:#x} is a special id")));
+        }
+        if state.next_handle >= GRANT_WINDOW_FRAMES {
+            return Err(bad(format!(
+                "next handle {} beyond the window's {GRANT_WINDOW_FRAMES} frames",
+                state.next_handle
+            )));
+        }
+        let g = Grants::new(me_id, mem)?;
+        let me = g.key();
+        let ram_frames = mem.ram_bytes() / PAGE_SIZE;
+
+        let mut handles = vec![Handle::Free; GRANT_WINDOW_FRAMES as usize];
+        for s in &state.handles {
+            let h = s.handle;
+            let Some(slot) = handles.get_mut(h as usize) else {
+                return Err(bad(format!(
+                    "handle {h} beyond the window's {GRANT_WINDOW_FRAMES} frames"
+                )));
+            };
+            if !matches!(slot, Handle::Free) {
+                return Err(bad(format!("handle {h} twice")));
+            }
+            let slot_gpa = g.slot_gpa(h);
+            let (pte, write) = match s.mapping {
+                SavedMapping::Live { pte, write, .. } => (pte, Some(write)),
+                SavedMapping::Revoked { pte } => (pte, None),
+            };
+            if !valid_pte(pte, slot_gpa, write) {
+                return Err(bad(format!(
+                    "handle {h}: L1 entry {pte:#x} is not one map writes for slot {slot_gpa:#x}"
+                )));
+            }
+            *slot = match s.mapping {
+                SavedMapping::Live {
+                    granter,
+                    gref,
+                    write,
+                    pte,
+                } => {
+                    if granter != me_id {
+                        return Err(connected(format!(
+                            "handle {h} maps ref {gref} of domain {granter}"
+                        )));
+                    }
+                    if gref >= NR_GRANT_REFS {
+                        return Err(bad(format!(
+                            "handle {h} maps ref {gref}, beyond the table's {NR_GRANT_REFS}"
+                        )));
+                    }
+                    Handle::Live(Mapping {
+                        granter: me,
+                        gref,
+                        write,
+                        pte,
+                    })
+                }
+                SavedMapping::Revoked { pte } => Handle::Dead(pte),
+            };
+        }
+
+        let mut active: BTreeMap<u32, Active> = BTreeMap::new();
+        let mut listed = BTreeSet::new();
+        for a in &state.active {
+            let gref = a.gref;
+            if gref >= NR_GRANT_REFS {
+                return Err(bad(format!(
+                    "ref {gref} beyond the table's {NR_GRANT_REFS}"
+                )));
+            }
+            if active.contains_key(&gref) {
+                return Err(bad(format!("ref {gref} twice")));
+            }
+            if a.frame == 0 || a.frame >= ram_frames {
+                return Err(bad(format!(
+                    "ref {gref}: frame {:#x} is not a RAM frame (the domain has {ram_frames})",
+                    a.frame
+                )));
+            }
+            match a.readers.checked_add(a.writers) {
+                Some(0) => return Err(bad(format!("ref {gref} in use without a use"))),
+                None => return Err(bad(format!("ref {gref}: too many uses"))),
+                Some(_) => {}
+            }
+            let user = u32::from(a.user);
+            if user != me_id && a.user != DOMID_HV {
+                return Err(connected(format!("ref {gref} is in use by domain {user}")));
+            }
+            let (mut ro, mut rw) = (0u32, 0u32);
+            let mut maps = Vec::with_capacity(a.maps.len());
+            for &(mapper, h) in &a.maps {
+                if mapper != me_id {
+                    return Err(connected(format!(
+                        "ref {gref} is mapped by domain {mapper}"
+                    )));
+                }
+                if user != me_id {
+                    return Err(bad(format!(
+                        "ref {gref} is in use by domain {user} but mapped by domain {mapper}"
+                    )));
+                }
+                match handles.get(h as usize) {
+                    Some(Handle::Live(m)) if m.gref == gref => {
+                        if m.write {
+                            rw += 1;
+                        } else {
+                            ro += 1;
+                        }
+                    }
+                    _ => {
+                        return Err(bad(format!(
+                            "ref {gref} lists handle {h}, which does not map it"
+                        )))
+                    }
+                }
+                if !listed.insert(h) {
+                    return Err(bad(format!("handle {h} listed twice")));
+                }
+                maps.push((me, h));
+            }
+            // The domain's own uses of its grants at rest are its mappings (copies end
+            // within their hypercall); back-ends' pins are counts only.
+            if user == me_id && (a.readers, a.writers) != (ro, rw) {
+                return Err(bad(format!(
+                    "ref {gref}: {} read-only and {} writable uses, but {ro} read-only and \
+                     {rw} writable mappings",
+                    a.readers, a.writers
+                )));
+            }
+            active.insert(
+                gref,
+                Active {
+                    user: a.user,
+                    frame: a.frame,
+                    readers: a.readers,
+                    writers: a.writers,
+                    maps,
+                },
+            );
+        }
+        for (h, slot) in handles.iter().enumerate() {
+            if let Handle::Live(m) = slot {
+                if !listed.contains(&(h as u32)) {
+                    return Err(bad(format!(
+                        "handle {h} maps ref {}, which does not list it",
+                        m.gref
+                    )));
+                }
+            }
+        }
+
+        // Every check passed: show the frames, make the flags match the counts.
+        for (h, slot) in handles.iter().enumerate() {
+            if let Handle::Live(m) = slot {
+                if let Some(a) = active.get(&m.gref) {
+                    g.window
+                        .map(h as u32, mem.memfd(), a.frame, !m.write)
+                        .map_err(GrantError::Window)?;
+                }
+            }
+        }
+        for (&gref, a) in &active {
+            let (word, _) = g
+                .entry(gref)
+                .map_err(|_| GrantError::NoTable(GRANT_TABLE_GPA))?;
+            let mut bits = u32::from(GTF_READING);
+            if a.writers > 0 {
+                bits |= u32::from(GTF_WRITING);
+            }
+            word.fetch_or(bits, Ordering::AcqRel);
+            sync_flags(word, Some(a));
+        }
+        {
+            let mut st = g.state.lock().map_err(|_| bad("poisoned state".into()))?;
+            st.active = active.into_iter().collect();
+            st.handles = handles;
+            st.next = state.next_handle as usize;
+        }
+        Ok(g)
     }
 }
 
