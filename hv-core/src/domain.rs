@@ -11,13 +11,13 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 
-use crate::boot::{self, BootError, StartInfoParams};
+use crate::boot::{self, BootError, BootInfo, StartInfoParams};
 use crate::coherence::HostPaging;
 use crate::console::{Console, ConsoleSink};
 use crate::devices::passthrough::{DomainRegions, PassthroughError};
 use crate::devices::{ConsoleSpec, DeviceError, DeviceSpec, Devices};
 use crate::evtchn::EventChannels;
-use crate::grant::Grants;
+use crate::grant::{GrantError, Grants};
 use crate::loader::{KernelImage, LoadError};
 use crate::memory::{DomainMemory, MemoryError};
 use crate::mmu::PoolAccess;
@@ -145,6 +145,9 @@ pub enum DomainError {
     /// Event channels could not be set up.
     #[error("{0}")]
     Evtchn(#[from] crate::evtchn::EvtchnError),
+    /// Grant tables could not be set up.
+    #[error("{0}")]
+    Grant(#[from] GrantError),
     /// Two domains could not be connected.
     #[error("cannot connect the domains: {0}")]
     Connect(hv_abi::Errno),
@@ -253,8 +256,8 @@ pub struct DomainShared {
     pub upcall: Arc<Upcall>,
     /// System time and timers.
     pub time: Arc<DomainTime>,
-    /// Grant tables.
-    pub grants: Grants,
+    /// Grant tables (other domains reach them through the registry).
+    pub grants: Arc<Grants>,
     /// Devices: the device table and the back-ends.
     pub devices: Devices,
     /// vCPUs sleeping in `SCHEDOP_BLOCK` or `SCHEDOP_POLL` right now.
@@ -494,7 +497,7 @@ impl DomainShared {
             }
         }
         self.evtchn.destroy(&*self.registry);
-        crate::grant::destroy(self);
+        self.grants.destroy(&*self.registry);
     }
 
     /// True if `gpa` is in the domain's page-table pool.
@@ -609,19 +612,8 @@ impl Domain {
             &console_sink,
             regions,
         )?;
-        let bi = boot::build_page_tables_with(&mem, &region_ranges, ram_mapping)?;
-        let mut mmu = Mmu::new(Layout {
-            phys_bits: crate::cpuid::phys_bits(&crate::cpuid::supported_cached(kvm)?),
-            ram_frames: mem.ram_bytes() / hv_abi::PAGE_SIZE,
-            pool_base: mem.pool_gpa(),
-            pool_frames: mem.pool_frames(),
-        });
-        for &(gpa, size) in &region_ranges {
-            mmu.add_data_range(gpa, size);
-        }
-        // The boot tables are typed at entry: the root is pinned as L4 (SPEC 8.5.1).
-        mmu.pin(&mut PoolAccess(&mem), 4, bi.pt_base)
-            .map_err(DomainError::BootTables)?;
+        let phys_bits = crate::cpuid::phys_bits(&crate::cpuid::supported_cached(kvm)?);
+        let (bi, mmu) = boot_page_tables(&mem, &region_ranges, ram_mapping, phys_bits)?;
         boot::write_gdt_tss(&mem)?;
         let flags = if config.allow_user_hypercalls {
             SIF_USER_HYPERCALLS
@@ -642,8 +634,7 @@ impl Domain {
             },
         )?;
 
-        let grants = Grants::new(mem.pool_end())
-            .map_err(|e| DomainError::Memory(MemoryError::Map(e.to_string())))?;
+        let grants = Arc::new(Grants::new(config.domid, &mem)?);
         let host_paging = config
             .host_paging
             .unwrap_or_else(|| crate::coherence::host_paging(kvm));
@@ -858,6 +849,34 @@ impl Drop for Domain {
         // A domain that never ran (or has run) leaves the registry.
         self.shared.destroy();
     }
+}
+
+/// Writes the boot page tables into the pool of `mem` (see
+/// [`boot::build_page_tables_with`]; `regions` are the passthrough regions to map) and
+/// returns them with the PV MMU of a domain with that memory, which has validated them
+/// (the root pinned as L4, as at entry: SPEC 8.5.1) and lets L1 entries map the
+/// regions. `phys_bits` is the guest's physical address width (CPUID 0x80000008). The
+/// part of [`Domain::create_in`]'s set-up that needs no KVM.
+pub fn boot_page_tables(
+    mem: &DomainMemory,
+    regions: &[(u64, u64)],
+    ram_mapping: boot::RamMapping,
+    phys_bits: u32,
+) -> Result<(BootInfo, Mmu), DomainError> {
+    let bi = boot::build_page_tables_with(mem, regions, ram_mapping)?;
+    let mut mmu = Mmu::new(Layout {
+        phys_bits,
+        ram_frames: mem.ram_bytes() / hv_abi::PAGE_SIZE,
+        pool_base: mem.pool_gpa(),
+        pool_frames: mem.pool_frames(),
+    });
+    for &(gpa, size) in regions {
+        mmu.add_data_range(gpa, size);
+    }
+    // The boot tables are typed at entry: the root is pinned as L4 (SPEC 8.5.1).
+    mmu.pin(&mut PoolAccess(mem), 4, bi.pt_base)
+        .map_err(DomainError::BootTables)?;
+    Ok((bi, mmu))
 }
 
 /// Parses, checks and runs an ELF kernel in a new domain.

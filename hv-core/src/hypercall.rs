@@ -84,7 +84,9 @@ pub fn dispatch(
         )),
         Some(Op::SetTimerOp) => ret(dom.time.set_timer_op(vcpu, a1)),
         Some(Op::GrantTableOp) => {
-            let r = crate::grant::grant_table_op(dom, vcpu, call.cr3, a1, a2, a3, effects);
+            let r = dom
+                .grants
+                .grant_table_op(&dom.mmu, &*dom.registry, call.cr3, a1, a2, a3);
             coherent(dom, vcpu, r)
         }
         Some(Op::DevOp) => ret(crate::devices::dev_op(dom, a1, a2)),

@@ -1,8 +1,13 @@
 //! The domains of one hypervisor instance, by domain id.
 //!
-//! Event channels and grant tables reach other domains through here. A domain is
-//! registered when it is created and removed when it dies, after which it cannot be
-//! reached (operations naming it fail with `-ESRCH`).
+//! Event channels and grant tables reach other domains through here: the registry
+//! implements their [`EvtchnPeers`](crate::evtchn::EvtchnPeers) and
+//! [`Granters`](crate::grant::Granters), handing out only a domain's event channels or
+//! grants. A domain is registered when it is created and removed when it dies, after
+//! which it cannot be reached (operations naming it fail with `-ESRCH`).
+//!
+//! What this module owns: the map of live domains by id and the passthrough regions'
+//! assignment. It calls nothing of the domains it holds but their fields.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -68,5 +73,11 @@ impl Registry {
 impl crate::evtchn::EvtchnPeers for Registry {
     fn evtchn(&self, domid: u32) -> Option<Arc<crate::evtchn::EventChannels>> {
         self.get(domid).map(|d| d.evtchn.clone())
+    }
+}
+
+impl crate::grant::Granters for Registry {
+    fn grants(&self, domid: u32) -> Option<Arc<crate::grant::Grants>> {
+        self.get(domid).map(|d| d.grants.clone())
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! Two domains of one [`Hypervisor`] are created (in the registry, not running): G
 //! grants one RAM page to U (entry 0 of G's table: `GTF_PERMIT_ACCESS`, U's id, the
-//! page's frame). The benchmark then calls [`crate::grant::grant_table_op`] as U's vCPU 0
-//! would reach it from the hypercall dispatcher: the operation array is in U's RAM,
+//! page's frame). The benchmark then calls [`crate::grant::Grants::grant_table_op`] as
+//! U's vCPU 0 would reach it from the hypercall dispatcher: the operation array is in U's RAM,
 //! copied in and its statuses written back; CR3 is U's boot page-table root. What is
 //! **not** included: the exit and the dispatcher (one `exit_floor` + the small
 //! `null_hypercall` margin per call, amortised over the batch for a copy).
@@ -39,7 +39,6 @@ use crate::console::ConsoleSink;
 use crate::domain::{DomainConfig, DomainError, DomainShared};
 use crate::hypervisor::Hypervisor;
 use crate::loader::KernelImage;
-use crate::mmu::hypercalls::VcpuEffects;
 
 /// Copy operations per `GNTTABOP_COPY` call.
 pub const BATCH: usize = 64;
@@ -109,8 +108,8 @@ fn pair() -> Result<Pair, BenchError> {
 /// `grant_table_op(cmd, OPS_GPA, count)` as U's vCPU 0.
 fn op(u: &DomainShared, cmd: u64, count: u64) -> Result<(), BenchError> {
     let cr3 = u.vcpu_cr3[0].load(std::sync::atomic::Ordering::Acquire);
-    let mut fx = VcpuEffects::default();
-    crate::grant::grant_table_op(u, 0, cr3, cmd, OPS_GPA, count, &mut fx)
+    u.grants
+        .grant_table_op(&u.mmu, &*u.registry, cr3, cmd, OPS_GPA, count)
         .map(|_| ())
         .map_err(|e| BenchError::Guest(format!("grant_table_op({cmd}): {e:?}")))
 }

@@ -16,6 +16,12 @@
 //! `DEVOP_DISCONNECT` waits at most for the request in progress. The thread holds only a
 //! weak reference to its domain and stops (joined) when the domain dies, after the
 //! request in progress; the image is then `fdatasync`'d.
+//!
+//! What this module owns and may call: each back-end owns its disk, its connection (the
+//! ring, the ring grant's reference, the bound port) and its thread. It pins the
+//! front-end's grants through the domain's [`Grants`] (host pins, for `DOMID_HV`), takes
+//! its port through the domain's event channels, reads and writes granted frames in the
+//! domain's memory, and reports state changes to the domain's device table.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -32,7 +38,8 @@ use hv_abi::{Errno, PAGE_SIZE};
 use super::disk::{Disk, DiskError};
 use crate::domain::DomainShared;
 use crate::evtchn::{HostNotify, HostPort};
-use crate::grant::{self, HostPin};
+use crate::grant::{Grants, HostPin};
+use crate::memory::DomainMemory;
 
 /// Counters of one PV block device (for tests and statistics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -165,7 +172,7 @@ impl BlkBack {
         if slot.state == STATE_CONNECTED {
             return Err(Errno::EBUSY);
         }
-        let frame = grant::host_pin(dom, ring_gref, true).map_err(|e| match e {
+        let frame = dom.grants.host_pin(ring_gref, true).map_err(|e| match e {
             // A grant of a frame that is not RAM.
             Errno::EINVAL => Errno::EACCES,
             e => e,
@@ -173,7 +180,7 @@ impl BlkBack {
         let host = match dom.mem.host_address(frame * PAGE_SIZE) {
             Ok(h) => h,
             Err(_) => {
-                grant::host_unpin(dom, ring_gref, true);
+                dom.grants.host_unpin(ring_gref, true);
                 return Err(Errno::EINVAL);
             }
         };
@@ -186,14 +193,14 @@ impl BlkBack {
         let hp = match dom.evtchn.bind_host(port, notify) {
             Ok(hp) => hp,
             Err(e) => {
-                grant::host_unpin(dom, ring_gref, true);
+                dom.grants.host_unpin(ring_gref, true);
                 return Err(e);
             }
         };
         if let Err(e) = self.ensure_thread(weak) {
             tracing::error!(error = %e, "cannot start a PV block back-end thread");
             dom.evtchn.unbind_host(hp);
-            grant::host_unpin(dom, ring_gref, true);
+            dom.grants.host_unpin(ring_gref, true);
             return Err(Errno::ENOMEM);
         }
         // The connection is part of the domain's devices, dropped by `stop` at the latest.
@@ -275,7 +282,7 @@ fn close(dom: &DomainShared, inner: &Inner, slot: &mut Slot, error: i32) {
             dom.evtchn.notify_guest(c.port);
         }
         dom.evtchn.unbind_host(c.port);
-        grant::host_unpin(dom, c.ring_gref, true);
+        dom.grants.host_unpin(c.ring_gref, true);
     }
     slot.state = STATE_CLOSED;
     dom.devices.set_state(dom, inner.dev, STATE_CLOSED, error);
@@ -329,7 +336,7 @@ fn serve(dom: &DomainShared, inner: &Inner) {
                 return;
             }
         };
-        let status = match handle(dom, &inner.disk, &req) {
+        let status = match handle(&dom.grants, &dom.mem, &inner.disk, &req) {
             Ok(bytes) => {
                 inner.counters.bytes.fetch_add(bytes, Ordering::Relaxed);
                 if req.operation == BLKIF_OP_FLUSH {
@@ -384,9 +391,15 @@ fn disk_errno(e: &DiskError) -> Errno {
     }
 }
 
-/// Runs one request (a copy). Returns the bytes moved, or the request's error status.
-/// Every check happens before any data moves.
-fn handle(dom: &DomainShared, disk: &Disk, req: &BlkifRequest) -> Result<u64, Errno> {
+/// Runs one request (a copy) whose segments are grants of `grants`' domain, whose
+/// memory is `mem`. Returns the bytes moved, or the request's error status. Every check
+/// happens before any data moves.
+fn handle(
+    grants: &Grants,
+    mem: &DomainMemory,
+    disk: &Disk,
+    req: &BlkifRequest,
+) -> Result<u64, Errno> {
     let read = match req.operation {
         BLKIF_OP_READ => true,
         BLKIF_OP_WRITE => false,
@@ -429,15 +442,15 @@ fn handle(dom: &DomainShared, disk: &Disk, req: &BlkifRequest) -> Result<u64, Er
     let mut pins = Vec::with_capacity(n);
     let mut iov = Vec::with_capacity(n);
     for s in segs {
-        let pin = HostPin::new(dom, s.gref, read).map_err(|e| match e {
+        let pin = HostPin::new(grants, s.gref, read).map_err(|e| match e {
             // A grant of a frame that is not RAM.
             Errno::EINVAL => Errno::EACCES,
             e => e,
         })?;
         let gpa = pin.frame() * PAGE_SIZE + u64::from(s.first_sect) * SECTOR_SIZE;
         let len = (u64::from(s.last_sect - s.first_sect) + 1) * SECTOR_SIZE;
-        dom.mem.check_ram(gpa, len).map_err(|_| Errno::EACCES)?;
-        let host = dom.mem.host_address(gpa).map_err(|_| Errno::EACCES)?;
+        mem.check_ram(gpa, len).map_err(|_| Errno::EACCES)?;
+        let host = mem.host_address(gpa).map_err(|_| Errno::EACCES)?;
         iov.push(libc::iovec {
             iov_base: host as *mut libc::c_void,
             iov_len: crate::conv::usize_from(len),
@@ -445,8 +458,8 @@ fn handle(dom: &DomainShared, disk: &Disk, req: &BlkifRequest) -> Result<u64, Er
         pins.push(pin);
     }
     // The guest may change the bytes concurrently: that changes only what is moved.
-    // SAFETY: each iovec lies inside one RAM frame of `dom` (checked above), mapped for
-    // the domain's life and pinned until `pins` drops after the call.
+    // SAFETY: each iovec lies inside one RAM frame of `mem` (checked above), which stays
+    // mapped while `mem` lives, and is pinned until `pins` drops after the call.
     let r = unsafe {
         if read {
             disk.readv_raw(req.sector_number, &iov)
