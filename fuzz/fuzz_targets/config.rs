@@ -61,17 +61,31 @@ fuzz_target!(|data: &[u8]| {
         assert!(names.insert(d.name.as_str()), "duplicate name {:?}", d.name);
         assert!(d.domid < MAX_DOMID, "domid {} out of range", d.domid);
         assert!(ids.insert(d.domid), "duplicate domid {}", d.domid);
-        assert!(params::check_memory(d.mem_bytes).is_ok(), "memory {}", d.mem_bytes);
+        assert!(
+            params::check_memory(d.mem_bytes).is_ok(),
+            "memory {}",
+            d.mem_bytes
+        );
         assert!(params::check_vcpus(d.vcpus).is_ok(), "vcpus {}", d.vcpus);
         assert!(params::check_cmdline(&d.cmdline).is_ok());
         if let KernelSource::File(p) = &d.kernel {
-            assert!(p.starts_with(base), "kernel path {} escapes the base", p.display());
+            assert!(
+                p.starts_with(base),
+                "kernel path {} escapes the base",
+                p.display()
+            );
         }
     }
     let mut pairs = HashSet::new();
     for &(a, b) in &config.connections {
-        assert!(a < n && b < n && a != b, "connection ({a}, {b}) of {n} domains");
-        assert!(pairs.insert((a.min(b), a.max(b))), "connection ({a}, {b}) twice");
+        assert!(
+            a < n && b < n && a != b,
+            "connection ({a}, {b}) of {n} domains"
+        );
+        assert!(
+            pairs.insert((a.min(b), a.max(b))),
+            "connection ({a}, {b}) twice"
+        );
     }
     // The checks are a function of the text (and the unchanged base directory).
     let again = Config::parse(text, base).expect("accepted once, accepted again");

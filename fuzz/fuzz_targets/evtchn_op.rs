@@ -6,15 +6,18 @@
 #![no_main]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use hv_core::evtchn::{event_channel_op, EventChannels, EvtchnPeers, HostNotify, PortState, UpcallSink};
+use hv_abi::layout::SHARED_INFO_GPA;
+use hv_core::evtchn::{
+    event_channel_op, EventChannels, EvtchnPeers, HostNotify, PortState, UpcallSink,
+};
 use hv_core::memory::DomainMemory;
 use libfuzzer_sys::fuzz_target;
 
 const DOMS: u32 = 3;
 const VCPUS: u32 = 2;
-const RAM: u64 = 4 << 20;
+const RAM: u64 = 2 << 20;
 /// Where the argument structures are written (a page of RAM above shared_info).
 const ARG_AREA: u64 = 0x10000;
 /// Ports checked for consistency (allocations land low; a long input allocates at
@@ -40,24 +43,44 @@ impl EvtchnPeers for Peers {
 
 struct World {
     peers: Peers,
-    mems: Vec<DomainMemory>,
+    mems: &'static [DomainMemory],
     evs: Vec<Arc<EventChannels>>,
+}
+
+/// The domains' memory, created once per process (a fresh memfd per run would cost
+/// most of the run); every page a run can touch is zeroed at the start of the next,
+/// so each run sees fresh memory.
+fn memories() -> &'static [DomainMemory] {
+    static MEMS: OnceLock<Vec<DomainMemory>> = OnceLock::new();
+    let mems = MEMS.get_or_init(|| {
+        (1..=DOMS)
+            .map(|id| DomainMemory::new(&format!("fuzz{id}"), RAM, 1).expect("memory"))
+            .collect()
+    });
+    let zero = [0u8; 4096];
+    for mem in mems {
+        for gpa in [SHARED_INFO_GPA, ARG_AREA, ARG_AREA + 4096, RAM - 4096] {
+            mem.write_ram(gpa, &zero).expect("zero");
+        }
+    }
+    mems
 }
 
 fn world() -> World {
     let mut w = World {
         peers: Peers::default(),
-        mems: Vec::new(),
+        mems: memories(),
         evs: Vec::new(),
     };
-    for id in 1..=DOMS {
-        let mem = DomainMemory::new(&format!("fuzz{id}"), RAM, 1).expect("memory");
+    for (i, mem) in w.mems.iter().enumerate() {
+        let id = i as u32 + 1;
         let ev = Arc::new(EventChannels::new(id, VCPUS, &mem, Arc::new(Sink)).expect("evtchn"));
         // Port 1: the PV console's, bound to hv's back-end, as in every domain.
-        let console = ev.alloc_host(HostNotify(Arc::new(|| {}))).expect("console port");
+        let console = ev
+            .alloc_host(HostNotify(Arc::new(|| {})))
+            .expect("console port");
         assert_eq!(console.port, 1);
         w.peers.0.lock().expect("peers").insert(id, ev.clone());
-        w.mems.push(mem);
         w.evs.push(ev);
     }
     w
@@ -104,7 +127,7 @@ fuzz_target!(|data: &[u8]| {
     let w = world();
     // Initial argument-area contents of each domain.
     let (init, ops) = data.split_at(data.len().min(64));
-    for mem in &w.mems {
+    for mem in w.mems {
         mem.write_ram(ARG_AREA, init).expect("arg area");
     }
     // Each operation: domain, command, argument mode, offset, 8 bytes.
@@ -126,7 +149,11 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         // Commands 0..=9 and one unknown; sometimes any number.
-        let cmd = if op[1] >= 0xF0 { raw >> 32 } else { u64::from(op[1] % 11) };
+        let cmd = if op[1] >= 0xF0 {
+            raw >> 32
+        } else {
+            u64::from(op[1] % 11)
+        };
         mem.write_ram(ARG_AREA + u64::from(op[3] % 56), &bytes)
             .expect("arg area");
         let arg = match op[2] {
@@ -135,7 +162,10 @@ fuzz_target!(|data: &[u8]| {
             0..=199 => ARG_AREA + u64::from(op[2] % 64),
             // Straddling the end of RAM.
             200..=230 => RAM - u64::from(op[2] - 199),
-            _ => raw,
+            // Beyond RAM, or (so that no run leaves state where the next would find
+            // it) within the argument area.
+            _ if raw >= RAM => raw,
+            _ => ARG_AREA + raw % 4096,
         };
         let _ = event_channel_op(ev, mem, &w.peers, cmd, arg);
         check(&w);

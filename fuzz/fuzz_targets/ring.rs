@@ -94,7 +94,10 @@ fuzz_target!(|data: &[u8]| {
                 .expect("request bytes");
                 match ring.pop_request() {
                     Err(e) => {
-                        assert!(unconsumed > entries - pending, "overflow {e:?} reported wrongly");
+                        assert!(
+                            unconsumed > entries - pending,
+                            "overflow {e:?} reported wrongly"
+                        );
                         assert_eq!(e, RingError::Overflow { prod, cons });
                     }
                     Ok(None) => assert_eq!(unconsumed, 0),
@@ -149,7 +152,11 @@ fuzz_target!(|data: &[u8]| {
             }
             // The hostile front-end.
             5 => set_word(base, REQ_PROD, v),
-            6 => set_word(base, [REQ_EVENT, RSP_PROD, RSP_EVENT][usize::from(op[1] % 3)], v),
+            6 => set_word(
+                base,
+                [REQ_EVENT, RSP_PROD, RSP_EVENT][usize::from(op[1] % 3)],
+                v,
+            ),
             _ => bytes(base)[(v as usize) % PAGE] = op[1],
         }
         assert_eq!(ring.pending_responses(), cons.wrapping_sub(rsp_pvt));
