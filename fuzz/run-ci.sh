@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${HV_FUZZ_SECONDS:-20}
+# Debug assertions on: arithmetic overflow and hv's debug_assert!s are crashes too.
+flags=(--debug-assertions)
 
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 if ! command -v cargo-fuzz > /dev/null; then
@@ -17,7 +19,7 @@ fi
 
 targets=$(cargo +nightly fuzz list)
 echo "== fuzz: building $(echo $targets)"
-cargo +nightly fuzz build
+cargo +nightly fuzz build "${flags[@]}"
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
@@ -30,7 +32,7 @@ for t in $targets; do
     log="$scratch/$t.log"
     echo "== fuzz: $t for ${seconds}s ($(ls "$scratch/$t" | wc -l) seeds)"
     # -timeout: one input running 10 s is a hang; -rss_limit_mb: out of memory.
-    if cargo +nightly fuzz run "$t" "$scratch/$t" -- \
+    if cargo +nightly fuzz run "${flags[@]}" "$t" "$scratch/$t" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         > "$log" 2>&1; then
         grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
@@ -39,7 +41,7 @@ for t in $targets; do
         echo "FUZZ FAILURE: target $t"
         tail -n 60 "$log"
         grep -h 'Test unit written to' "$log" | sed "s|^|FUZZ FAILURE: $t: |" || true
-        echo "reproduce: cd fuzz && cargo +nightly fuzz run $t <artifact>"
+        echo "reproduce: cd fuzz && cargo +nightly fuzz run --debug-assertions $t <artifact>"
     fi
 done
 if [ ${#failed[@]} -ne 0 ]; then
