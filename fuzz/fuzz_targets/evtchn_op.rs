@@ -74,7 +74,7 @@ fn world() -> World {
     };
     for (i, mem) in w.mems.iter().enumerate() {
         let id = i as u32 + 1;
-        let ev = Arc::new(EventChannels::new(id, VCPUS, &mem, Arc::new(Sink)).expect("evtchn"));
+        let ev = Arc::new(EventChannels::new(id, VCPUS, mem, Arc::new(Sink)).expect("evtchn"));
         // Port 1: the PV console's, bound to hv's back-end, as in every domain.
         let console = ev
             .alloc_host(HostNotify(Arc::new(|| {})))
