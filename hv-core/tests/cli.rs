@@ -3,18 +3,7 @@
 use std::process::{Command, Output};
 
 mod common;
-use common::{kvm_available, test_guest};
-
-fn hv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hv"))
-        .args(args)
-        .output()
-        .expect("run hv")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use common::{hv, kvm_available, test_guest, text};
 
 #[test]
 fn run_demo_prints_banner_and_exits_zero() {

@@ -4,10 +4,10 @@
 //! (Truncating a region's file under a running domain: tests/tests/emulated.rs.)
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 mod common;
-use common::{kvm_available, test_guest};
+use common::{hv, kvm_available, test_guest, text};
 
 const REGION: u64 = 4 << 20;
 
@@ -55,17 +55,6 @@ impl Drop for Tmpfs {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn hv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hv"))
-        .args(args)
-        .output()
-        .expect("run hv")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// A sparse file of `REGION` bytes (no blocks allocated).

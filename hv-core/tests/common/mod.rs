@@ -30,3 +30,18 @@ pub fn test_guest() -> &'static std::path::Path {
         guest_build::build_guest(&root, "test-guest", "test-guest")
     })
 }
+
+/// Runs the `hv` binary of this build with `args` and waits for it.
+#[allow(dead_code)]
+pub fn hv(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hv"))
+        .args(args)
+        .output()
+        .expect("run hv")
+}
+
+/// Output bytes as text (lossy).
+#[allow(dead_code)]
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
