@@ -283,25 +283,7 @@ fn run_config(path: &Path, stats: bool, signals: Option<&ShutdownSignals>) -> u8
     let results = run_all(hv, signals);
     for r in &results {
         match &r.report {
-            Ok(report) => {
-                if let Some(c) = report.outcome.crash() {
-                    eprintln!("hv: domain {} crashed\n{c}", r.name);
-                }
-                if let Some(h) = report.outcome.host_fault() {
-                    eprintln!("hv: domain {} stopped by a host fault: {h}", r.name);
-                }
-                if stats {
-                    eprintln!(
-                        "domain {} (id {}): {} (created in {:.3} ms, ran {:.3} ms)\n{}",
-                        r.name,
-                        r.domid,
-                        report.outcome,
-                        report.created_in.as_secs_f64() * 1e3,
-                        report.ran_for.as_secs_f64() * 1e3,
-                        report.stats
-                    );
-                }
-            }
+            Ok(report) => print_end(report, &format!("{} (id {})", r.name, r.domid), stats),
             Err(e) => eprintln!("hv: domain {} could not run: {e}", r.name),
         }
     }
@@ -376,6 +358,17 @@ fn run(
             };
         }
     };
+    print_end(report, &report.name, stats);
+    // Stopped by a signal: the same summary as with --config.
+    if signals.is_some_and(|s| s.received().is_some()) {
+        eprint!("{}", config::summary(&results));
+    }
+    report.outcome.exit_code()
+}
+
+/// What `hv run` prints on stderr when a domain has ended: its crash report or host
+/// fault, and with `--stats` its outcome, times and statistics under `label`.
+fn print_end(report: &hv_core::DomainReport, label: &str, stats: bool) {
     if let Some(c) = report.outcome.crash() {
         eprintln!("hv: domain {} crashed\n{c}", report.name);
     }
@@ -384,17 +377,11 @@ fn run(
     }
     if stats {
         eprintln!(
-            "domain {}: {} (created in {:.3} ms, ran {:.3} ms)\n{}",
-            report.name,
+            "domain {label}: {} (created in {:.3} ms, ran {:.3} ms)\n{}",
             report.outcome,
             report.created_in.as_secs_f64() * 1e3,
             report.ran_for.as_secs_f64() * 1e3,
             report.stats
         );
     }
-    // Stopped by a signal: the same summary as with --config.
-    if signals.is_some_and(|s| s.received().is_some()) {
-        eprint!("{}", config::summary(&results));
-    }
-    report.outcome.exit_code()
 }

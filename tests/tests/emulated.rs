@@ -381,6 +381,19 @@ fn passthrough_is_exclusive_and_detach_reassign_work() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Waits (bounded: about 20 s) until a `pt-spin` guest runs and has written its
+/// ready mark into the region's file; fails with its console otherwise.
+fn wait_until_spinning(file: &std::path::Path, buf: &std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    for _ in 0..20_000 {
+        let raw = std::fs::read(file).unwrap();
+        if u64_at(&raw, 8) == 0x5EAD_4EAD_0000_0001 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("the guest never wrote its region; console:\n{}", text(buf));
+}
+
 #[test]
 fn passthrough_detach_from_a_running_domain() {
     if !kvm_available() {
@@ -396,21 +409,7 @@ fn passthrough_detach_from_a_running_domain() {
     hv.create_domain(config, &image).unwrap();
     let gpa = region_gpas(hv.domain(1).unwrap().shared().mem.pool_end(), &[REGION])[0];
     let running = hv.start();
-    // Wait (bounded) until the guest runs and has written to the region.
-    let mut ready = false;
-    for _ in 0..20_000 {
-        let raw = std::fs::read(&file).unwrap();
-        if u64_at(&raw, 8) == 0x5EAD_4EAD_0000_0001 {
-            ready = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    assert!(
-        ready,
-        "the guest never wrote its region; console:\n{}",
-        text(&buf)
-    );
+    wait_until_spinning(&file, &buf);
     assert_eq!(registry.regions.owner(&file), Some(1));
     running.detach_region(1, &file).unwrap();
     assert_eq!(registry.regions.owner(&file), None);
@@ -490,20 +489,7 @@ fn truncating_a_passthrough_file_under_a_running_domain_is_a_host_fault() {
     hv.create_domain(config, &image).unwrap();
     let gpa = region_gpas(hv.domain(1).unwrap().shared().mem.pool_end(), &[REGION])[0];
     let running = hv.start();
-    let mut ready = false;
-    for _ in 0..20_000 {
-        let raw = std::fs::read(&file).unwrap();
-        if u64_at(&raw, 8) == 0x5EAD_4EAD_0000_0001 {
-            ready = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    assert!(
-        ready,
-        "the guest never wrote its region; console:\n{}",
-        text(&buf)
-    );
+    wait_until_spinning(&file, &buf);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&file)
