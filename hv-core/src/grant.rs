@@ -58,6 +58,7 @@ use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+use crate::guest_arg;
 use crate::memory::DomainMemory;
 use crate::mmu::hypercalls::l1_entry_for;
 use crate::mmu::{Mmu, PoolAccess};
@@ -1054,19 +1055,19 @@ impl Grants {
                     Err(e) => op.status = e.to_ret() as i16,
                 }
                 // Outputs: status, handle, dev_bus_addr.
-                18..32
+                crate::field_span!(GnttabMapGrantRef, status..=dev_bus_addr)
             }),
             GNTTABOP_UNMAP_GRANT_REF => batch(mem, gpa, count, |op: &mut GnttabUnmapGrantRef| {
                 op.status = status(self.unmap_one(mmu, granters, cr3, op));
-                20..22
+                crate::field_span!(GnttabUnmapGrantRef, status)
             }),
             GNTTABOP_SETUP_TABLE => batch(mem, gpa, count, |op: &mut GnttabSetupTable| {
                 op.status = status(self.setup_table(granters, op));
-                8..10
+                crate::field_span!(GnttabSetupTable, status)
             }),
             GNTTABOP_COPY => batch(mem, gpa, count, |op: &mut GnttabCopy| {
                 op.status = status(self.copy_one(granters, op));
-                36..38
+                crate::field_span!(GnttabCopy, status)
             }),
             GNTTABOP_QUERY_SIZE => batch(mem, gpa, count, |op: &mut GnttabQuerySize| {
                 op.status = status(self.check_self(granters, op.dom).and_then(|()| {
@@ -1077,36 +1078,31 @@ impl Grants {
                     op.max_nr_frames = GRANT_TABLE_FRAMES;
                     Ok(())
                 }));
-                4..14
+                crate::field_span!(GnttabQuerySize, nr_frames..=status)
             }),
             _ => Err(Errno::EINVAL),
         }
     }
 }
 
-/// Runs `f` on each of `count` operations at `gpa` (copied in first) and writes back
-/// the bytes of each that `f` says are outputs.
+/// Runs `f` on each of `count` operations at `gpa` (copied in first, all at once) and
+/// writes back the bytes of each that `f` says are its outputs (a [`crate::field_span!`]).
 fn batch<T: FromBytes + IntoBytes + Immutable + Clone>(
     mem: &DomainMemory,
     gpa: u64,
     count: u64,
     mut f: impl FnMut(&mut T) -> std::ops::Range<usize>,
 ) -> Result<u64, Errno> {
-    if count > GNTTAB_MAX_BATCH {
-        return Err(Errno::E2BIG);
-    }
     if count == 0 {
+        // Nothing to do: the address is not looked at (SPEC 8.8).
         return Ok(0);
     }
+    let mut ops: Vec<T> = guest_arg::copy_in_array(mem, gpa, count, GNTTAB_MAX_BATCH)?;
     let size = std::mem::size_of::<T>() as u64;
-    let mut ops = vec![T::new_zeroed(); count as usize];
-    mem.read_ram(gpa, ops.as_mut_slice().as_mut_bytes())
-        .map_err(|_| Errno::EFAULT)?;
-    for (i, op) in ops.iter_mut().enumerate() {
+    for (i, op) in (0u64..).zip(ops.iter_mut()) {
         let out = f(op);
-        let at = gpa + i as u64 * size;
         // The whole array was checked when it was read; RAM does not shrink.
-        let _ = mem.write_ram(at + out.start as u64, &op.as_bytes()[out]);
+        let _ = guest_arg::copy_out_span(mem, gpa + i * size, op, out);
     }
     Ok(0)
 }

@@ -116,6 +116,12 @@ mod tests {
             field_span!(hv_abi::grant::GnttabUnmapGrantRef, status),
             20..22
         );
+        assert_eq!(field_span!(hv_abi::grant::GnttabSetupTable, status), 8..10);
+        assert_eq!(field_span!(hv_abi::grant::GnttabCopy, status), 36..38);
+        assert_eq!(
+            field_span!(hv_abi::grant::GnttabQuerySize, nr_frames..=status),
+            4..14
+        );
     }
 
     #[test]
